@@ -427,17 +427,24 @@ class QRPOTrainer(DPOTrainer):
     # Loss and metrics
     # ------------------------------------------------------------------------------------------------------------
 
-    def _compute_loss(self, model, inputs, return_outputs):
-        mode = "train" if self.model.training else "eval"
-        model_kwargs = _model_inputs(inputs)
-        if self.aux_loss_enabled:
-            model_kwargs["output_router_logits"] = True
-        outputs = model(**model_kwargs, labels=_labels(inputs), fused_lm_head=True)
+    def sequence_log_probs(self, model, inputs, **model_kwargs):
+        """Policy and reference log-probabilities of each sequence of a collated batch (fp32 sums).
+
+        Returns ``(logps, ref_logps, outputs)``; the reference comes from the batch (precomputed), the reference
+        model, or the policy with its PEFT adapters off, as in DPO.
+        """
+        outputs = model(**_model_inputs(inputs), **model_kwargs, labels=_labels(inputs), fused_lm_head=True)
         logps = _sequence_logps(outputs.log_probs, inputs["completion_mask"])
         if self.precompute_ref_logps:
             ref_logps = inputs["ref_logps"].to(logps.device, torch.float32)
         else:
             ref_logps = self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else self.model, inputs)
+        return logps, ref_logps, outputs
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        logps, ref_logps, outputs = self.sequence_log_probs(model, inputs, **extra)
         logratios = logps - ref_logps
         lengths = inputs["completion_mask"][:, 1:].sum(dim=1)
         beta = inputs["beta"].to(logps.device)

@@ -1,0 +1,401 @@
+"""QRPOTrainer on a tiny offline Llama: data layouts, reference paths, errors, metrics, model card."""
+
+import math
+import random
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trl_qrpo import QRPOConfig, QRPOTrainer, get_transform, quantile_rewards
+from trl_qrpo.transforms import ScaledNormalICDF
+
+WORDS = "happy good day sky blue sad bad dog cat runs park bright great awful".split()
+
+
+def make_rows(n=8, seed=0, conversational=True, paired=True, num_refs=5):
+    rng = random.Random(seed)
+
+    def text(k):
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+    def completion(k):
+        return [{"role": "assistant", "content": text(k)}] if conversational else " " + text(k)
+
+    rows = []
+    for i in range(n):
+        prompt = [{"role": "user", "content": f"Tell me {text(2)} {i}"}] if conversational else f"Tell me {text(2)} {i}:"
+        row = {"prompt": prompt, "ref_rewards": [rng.gauss(0, 1) for _ in range(num_refs)]}
+        if paired:
+            row.update(
+                chosen=completion(rng.randint(1, 6)),
+                rejected=completion(rng.randint(1, 6)),
+                chosen_reward=rng.gauss(0.5, 1),
+                rejected_reward=rng.gauss(-0.5, 1),
+            )
+        else:
+            row.update(completion=completion(rng.randint(1, 6)), reward=rng.gauss(0, 1))
+        rows.append(row)
+    return rows
+
+
+def as_dataset(rows):
+    return Dataset.from_list(rows)
+
+
+def unpair(rows):
+    """Pointwise rows from pairs, ordered [chosen..., rejected...] like a paired batch's sequences."""
+    out = []
+    for side in ("chosen", "rejected"):
+        for row in rows:
+            out.append(
+                {
+                    "prompt": row["prompt"],
+                    "completion": row[side],
+                    "reward": row[f"{side}_reward"],
+                    "ref_rewards": row["ref_rewards"],
+                }
+            )
+    return out
+
+
+def config(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path),
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        max_steps=2,
+        per_device_train_batch_size=4,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        beta=0.1,
+        learning_rate=1e-3,
+    )
+    defaults.update(kwargs)
+    return QRPOConfig(**defaults)
+
+
+def first_batch_loss(trainer, dataset=None, n_rows=None):
+    """Loss of the first n rows of the prepared dataset, without shuffling, in eval mode (no dropout anyway)."""
+    dataset = trainer.train_dataset if dataset is None else dataset
+    rows = [dataset[i] for i in range(n_rows or len(dataset))]
+    batch = trainer._prepare_inputs(trainer.data_collator(rows))
+    with torch.no_grad():
+        return trainer.compute_loss(trainer.model, batch).item(), batch
+
+
+def test_paired_data_gives_the_loss_of_its_pointwise_rows(tiny_model_dir, tmp_path):
+    rows = make_rows(4)
+    paired = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path / "p"), train_dataset=as_dataset(rows))
+    pointwise = QRPOTrainer(
+        model=str(tiny_model_dir), args=config(tmp_path / "u"), train_dataset=as_dataset(unpair(rows))
+    )
+    # Move the policy away from the reference so that the log-ratios are not all zero.
+    for trainer in (paired, pointwise):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    loss_paired, batch_paired = first_batch_loss(paired)
+    loss_pointwise, batch_pointwise = first_batch_loss(pointwise)
+    assert torch.allclose(batch_paired["target"], batch_pointwise["target"])
+    assert torch.equal(batch_paired["input_ids"], batch_pointwise["input_ids"])
+    assert loss_paired == pytest.approx(loss_pointwise, rel=1e-6)
+    assert loss_paired > 0
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_step_zero_logratio_is_zero_for_every_row(tiny_model_dir, tmp_path, precompute):
+    trainer = QRPOTrainer(
+        model=str(tiny_model_dir),
+        args=config(tmp_path, precompute_ref_log_probs=precompute, precompute_ref_batch_size=3),
+        train_dataset=as_dataset(make_rows(7)),
+    )
+    for batch in trainer.get_eval_dataloader(trainer.train_dataset):
+        batch = trainer._prepare_inputs(batch)
+        with torch.no_grad():
+            logps, ref_logps, _ = trainer.sequence_log_probs(trainer.model, batch)
+        assert (logps < -1).all()  # real log-probabilities of multi-token completions
+        beta_logratio = batch["beta"] * (logps - ref_logps)
+        assert beta_logratio.abs().max().item() < 1e-5
+
+
+def test_targets_match_the_math_module(tiny_model_dir, tmp_path):
+    rows = make_rows(6)
+    trainer = QRPOTrainer(
+        model=str(tiny_model_dir), args=config(tmp_path, transform="log", beta=0.05), train_dataset=as_dataset(rows)
+    )
+    rewards = torch.tensor([[r["chosen_reward"], r["rejected_reward"]] for r in rows], dtype=torch.float64)
+    refs = torch.tensor([r["ref_rewards"] for r in rows], dtype=torch.float64)
+    q = quantile_rewards(rewards, refs)
+    log_z = math.log(0.05) - math.log1p(0.05)
+    expected = torch.log(q.clamp(min=1 / 5)) - 0.05 * log_z
+    assert torch.allclose(torch.tensor(trainer.train_dataset["target"], dtype=torch.float64), expected)
+    assert torch.allclose(torch.tensor(trainer.train_dataset["quantile"], dtype=torch.float64), q)
+
+
+def test_dpo_documentation_script_with_two_names_swapped(tiny_model_dir, tmp_path):
+    """TRL's DPO quick-start example, with QRPOConfig/QRPOTrainer and reward columns (UltraFeedback aliases)."""
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    rows = make_rows(8)
+    for row in rows:  # trl-lib/ultrafeedback_binarized names its rewards score_chosen / score_rejected
+        row["score_chosen"], row["score_rejected"] = row.pop("chosen_reward"), row.pop("rejected_reward")
+    train_dataset = Dataset.from_list(rows)
+
+    training_args = QRPOConfig(output_dir=str(tmp_path), bf16=False, max_steps=2, report_to="none", logging_steps=1)
+    trainer = QRPOTrainer(model=model, args=training_args, processing_class=tokenizer, train_dataset=train_dataset)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_metrics_are_logged_under_stable_names(tiny_model_dir, tmp_path):
+    trainer = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path, max_steps=3), train_dataset=as_dataset(make_rows(8)))
+    trainer.train()
+    logged = trainer.state.log_history[1]
+    for name in [
+        "loss",
+        "target/mean",
+        "quantile/mean",
+        "reward/mean",
+        "implicit_reward/mean",
+        "residual/mean",
+        "residual/rms",
+        "beta_log_z",
+        "implicit_reward/length_spearman",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "entropy",
+        "num_tokens",
+    ]:
+        assert name in logged, name
+    assert logged["beta_log_z"] == pytest.approx(0.1 * get_transform("identity").log_partition(0.1), rel=1e-5)
+    assert 0.0 <= logged["rewards/accuracies"] <= 1.0
+
+
+def test_plain_text_pointwise_data_trains_and_eval_is_prepared_once(tiny_model_dir, tmp_path):
+    train = as_dataset(make_rows(8, conversational=False, paired=False))
+    evaluation = as_dataset(make_rows(4, seed=1, conversational=False, paired=False))
+    trainer = QRPOTrainer(
+        model=str(tiny_model_dir),
+        args=config(tmp_path, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=2),
+        train_dataset=train,
+        eval_dataset=evaluation,
+    )
+    eos = trainer.processing_class.eos_token_id
+    assert all(ids[0][-1] == eos for ids in trainer.train_dataset["completion_ids"])  # EOS added to plain text
+    trainer.train()
+    metrics = trainer.evaluate(as_dataset(make_rows(3, seed=2, conversational=False, paired=False)))
+    assert "eval_loss" in metrics and "eval_target/mean" in metrics
+    assert trainer._prepare_dataset(trainer.train_dataset, trainer.processing_class, trainer.args, "x") is trainer.train_dataset
+
+
+@pytest.mark.parametrize("selector,k", [("both", 2), ("chosen", 1), ("rejected", 1), ("random", 1)])
+def test_sample_selector(tiny_model_dir, tmp_path, selector, k):
+    rows = make_rows(10)
+    trainer = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path, sample_selector=selector), train_dataset=as_dataset(rows))
+    rewards = trainer.train_dataset["reward"]
+    assert all(len(r) == k for r in rewards)
+    if selector == "chosen":
+        assert [r[0] for r in rewards] == [row["chosen_reward"] for row in rows]
+    if selector == "random":
+        kept_chosen = [r[0] == row["chosen_reward"] for r, row in zip(rewards, rows)]
+        assert any(kept_chosen) and not all(kept_chosen)
+        again = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path, sample_selector=selector), train_dataset=as_dataset(rows))
+        assert again.train_dataset["reward"] == rewards  # seeded
+    trainer.train()
+
+
+def test_precomputed_quantiles_aliases_and_num_ref_rewards(tiny_model_dir, tmp_path):
+    rows = make_rows(6, paired=False)
+    with_quantiles = [
+        {"prompt": r["prompt"], "completion": r["completion"], "quantile_reward": q}
+        for r, q in zip(rows, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ]
+    trainer = QRPOTrainer(
+        model=str(tiny_model_dir),
+        args=config(tmp_path, transform="log", num_ref_rewards=5),
+        train_dataset=as_dataset(with_quantiles),
+    )
+    targets = [t[0] for t in trainer.train_dataset["target"]]
+    assert targets[0] == pytest.approx(targets[1])  # q=0 clamped to 1/5
+    # The first n reference rewards only.
+    trainer = QRPOTrainer(
+        model=str(tiny_model_dir), args=config(tmp_path, num_ref_rewards=2), train_dataset=as_dataset(rows)
+    )
+    expected = quantile_rewards(
+        torch.tensor([r["reward"] for r in rows]), torch.tensor([r["ref_rewards"][:2] for r in rows])
+    )
+    assert torch.allclose(torch.tensor([q[0] for q in trainer.train_dataset["quantile"]], dtype=torch.float64), expected)
+
+
+def test_self_inclusion_leave_one_out_and_discrete_support(tiny_model_dir, tmp_path):
+    rows = make_rows(4, paired=False)
+    for row in rows:  # the completion is reference 2, its reward among the references
+        row["reward"] = row["ref_rewards"][2]
+        row["in_ref_rewards"] = True
+    trainer = QRPOTrainer(
+        model=str(tiny_model_dir), args=config(tmp_path, partition_mode="discrete"), train_dataset=as_dataset(rows)
+    )
+    refs = torch.tensor([r["ref_rewards"] for r in rows], dtype=torch.float64)
+    others = torch.cat([refs[:, :2], refs[:, 3:]], dim=1)
+    expected_q = quantile_rewards(refs[:, 2], others)
+    assert torch.allclose(torch.tensor([q[0] for q in trainer.train_dataset["quantile"]], dtype=torch.float64), expected_q)
+    identity = get_transform("identity")
+    expected_log_z = identity.discrete_log_partition(0.1, 4, includes_self=False)
+    assert trainer.train_dataset["beta_log_z"][0][0] == pytest.approx(0.1 * expected_log_z)
+    kept = QRPOTrainer(
+        model=str(tiny_model_dir),
+        args=config(tmp_path, partition_mode="discrete", self_inclusion="keep"),
+        train_dataset=as_dataset(rows),
+    )
+    assert kept.train_dataset["beta_log_z"][0][0] == pytest.approx(
+        0.1 * identity.discrete_log_partition(0.1, 5, includes_self=True)
+    )
+
+
+def test_length_normalised_beta_and_loss(tiny_model_dir, tmp_path):
+    trainer = QRPOTrainer(
+        model=str(tiny_model_dir),
+        args=config(tmp_path, normalize_beta_by_length=True, normalize_loss_by_length=True, beta=0.5),
+        train_dataset=as_dataset(make_rows(6)),
+    )
+    row = trainer.train_dataset[0]
+    identity = get_transform("identity")
+    for j in range(2):
+        beta_j = 0.5 / len(row["completion_ids"][j])
+        assert row["beta"][j] == pytest.approx(beta_j)
+        assert row["target"][j] == pytest.approx(row["quantile"][j] - beta_j * identity.log_partition(beta_j))
+    trainer.train()
+
+
+def test_scaled_normal_icdf_uses_per_prompt_scales(tiny_model_dir, tmp_path):
+    rows = make_rows(6)
+    trainer = QRPOTrainer(
+        model=str(tiny_model_dir),
+        args=config(tmp_path, transform="scaled-normal-icdf", beta=0.5),
+        train_dataset=as_dataset(rows),
+    )
+    refs = torch.tensor([r["ref_rewards"] for r in rows], dtype=torch.float64)
+    sigma = ScaledNormalICDF.from_ref_rewards(refs).sigma
+    assert torch.allclose(torch.tensor([b[0] for b in trainer.train_dataset["beta_log_z"]], dtype=torch.float64), 0.5 * sigma**2 / (2 * 0.25))
+    trainer.train()
+
+
+@pytest.mark.parametrize(
+    "mutate,column,message",
+    [
+        (lambda r: r.update(chosen_reward=None), "chosen_reward", "missing or not finite"),
+        (lambda r: r.update(rejected_reward=float("nan")), "rejected_reward", "missing or not finite"),
+        (lambda r: r.update(chosen_reward=float("inf")), "chosen_reward", "missing or not finite"),
+        (lambda r: r.update(ref_rewards=[]), "ref_rewards", "the list is empty"),
+        (lambda r: r.update(ref_rewards=[0.1, float("nan"), 0.3, 0.2, 0.1]), "ref_rewards", "non-finite"),
+        (lambda r: r.update(ref_rewards=[0.1, 0.2]), "ref_rewards", "fewer than num_ref_rewards=3"),
+    ],
+)
+def test_bad_input_raises_before_training_with_column_row_and_fix(tiny_model_dir, tmp_path, mutate, column, message):
+    rows = make_rows(6)
+    mutate(rows[3])
+    with pytest.raises(ValueError) as excinfo:
+        QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path, num_ref_rewards=3), train_dataset=as_dataset(rows))
+    text = str(excinfo.value)
+    assert f"Column '{column}'" in text and "row 3" in text and message in text
+
+
+def test_missing_columns_are_explained(tiny_model_dir, tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "ref_rewards"} for r in make_rows(3)]
+    with pytest.raises(ValueError, match="no 'ref_rewards' column"):
+        QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path), train_dataset=as_dataset(rows))
+    rows = [{k: v for k, v in r.items() if k != "rejected_reward"} for r in make_rows(3)]
+    with pytest.raises(ValueError, match="rejected_reward"):
+        QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path), train_dataset=as_dataset(rows))
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("sync_ref_model", True),
+        ("f_divergence_type", "forward_kl"),
+        ("ld_alpha", 0.5),
+        ("use_weighting", True),
+        ("loss_weights", [1.0]),
+        ("label_smoothing", 0.1),
+        ("loss_type", "sigmoid"),
+        ("partition_mode", "exact"),
+    ],
+)
+def test_config_refuses_what_breaks_qrpo(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field if field != "loss_type" else "loss_type"):
+        QRPOConfig(output_dir=str(tmp_path), bf16=False, **{field: value})
+
+
+def test_dpo_config_is_refused_with_a_fix(tiny_model_dir, tmp_path):
+    from trl import DPOConfig
+
+    with pytest.raises(TypeError, match="QRPOConfig"):
+        QRPOTrainer(model=str(tiny_model_dir), args=DPOConfig(str(tmp_path), bf16=False), train_dataset=as_dataset(make_rows(2)))
+
+
+def test_model_card_names_qrpo_and_cites_the_paper(tiny_model_dir, tmp_path):
+    trainer = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path), train_dataset=as_dataset(make_rows(2)))
+    trainer.create_model_card(model_name="tiny-qrpo")
+    card = (tmp_path / "README.md").read_text()
+    assert "QRPO" in card and "2507.08068" in card and "matrenok2025quantile" in card
+
+
+def test_sequence_log_probs_are_summed_in_fp32_for_bf16_models(tiny_model_dir, tmp_path):
+    from trl_qrpo.trainer import _sequence_logps
+
+    # 4,000 tokens of about -0.37 each: a bf16 running sum has a resolution of whole nats at -1,500.
+    per_token = torch.full((1, 4001), -0.3712, dtype=torch.bfloat16)
+    mask = torch.ones(1, 4002, dtype=torch.long)
+    total = _sequence_logps(per_token, mask)
+    exact = per_token.double().sum().item()
+    assert total.dtype == torch.float32
+    assert total.item() == pytest.approx(exact, abs=1e-2)
+    assert abs(per_token.cumsum(dim=1, dtype=torch.bfloat16)[0, -1].item() - exact) > 1.0  # what fp32 avoids
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
+    ref = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
+    trainer = QRPOTrainer(model=model, ref_model=ref, args=config(tmp_path), train_dataset=as_dataset(make_rows(4)))
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    with torch.no_grad():
+        logps, ref_logps, _ = trainer.sequence_log_probs(trainer.model, batch)
+    assert logps.dtype == torch.float32 and ref_logps.dtype == torch.float32
+    assert (logps - ref_logps).abs().max().item() == 0.0
+
+
+@pytest.mark.slow
+def test_precompute_and_lora_give_the_first_step_loss_of_the_plain_path(tiny_model_dir, tmp_path):
+    from peft import LoraConfig
+
+    rows = make_rows(8)
+
+    def first_loss(**kwargs):
+        peft_config = kwargs.pop("peft_config", None)
+        trainer = QRPOTrainer(
+            model=str(tiny_model_dir),
+            args=config(tmp_path / str(len(kwargs)), max_steps=2, per_device_train_batch_size=4, **kwargs),
+            train_dataset=as_dataset(rows),
+            peft_config=peft_config,
+        )
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    plain = first_loss()
+    precomputed = first_loss(precompute_ref_log_probs=True)
+    lora = first_loss(peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    lora_precomputed = first_loss(
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), precompute_ref_log_probs=True
+    )
+    assert precomputed[0] == pytest.approx(plain[0], rel=1e-5)
+    assert lora[0] == pytest.approx(plain[0], rel=1e-5)  # LoRA B starts at zero: the policy is the reference
+    assert lora_precomputed[0] == pytest.approx(plain[0], rel=1e-5)
+    assert precomputed[1] == pytest.approx(plain[1], rel=1e-4)  # same data order, same update
+    assert lora[1] != pytest.approx(plain[1], rel=1e-6)  # LoRA trains other parameters

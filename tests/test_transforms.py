@@ -1,0 +1,143 @@
+"""Closed-form log partition functions against independent high-precision quadrature (mpmath), and the registry."""
+
+import math
+
+import mpmath
+import pytest
+import torch
+
+from trl_qrpo import get_transform, register_transform
+from trl_qrpo.transforms import CallableTransform, ScaledNormalICDF, Transform, list_transforms, quadrature_log_partition
+
+mpmath.mp.dps = 40
+BETAS = [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
+
+UNIT_INTERVAL_TRANSFORMS = {
+    "identity": lambda t: t,
+    "log": mpmath.log,
+    "square": lambda t: t**2,
+    "sqrt": mpmath.sqrt,
+}
+
+
+def mp_log_z_unit(f, beta):
+    """log int_0^1 exp(f(t)/beta) dt in arbitrary precision, the peak at t=1 split out for small beta."""
+    beta = mpmath.mpf(beta)
+    shift = f(mpmath.mpf(1)) / beta  # every transform here is increasing: the integrand peaks at 1
+    g = lambda t: mpmath.exp(f(t) / beta - shift)  # noqa: E731
+    points = [0] + [1 - c * beta for c in (200, 50, 10, 1) if c * beta < 1] + [1]
+    return float(shift + mpmath.log(mpmath.quad(g, points)))
+
+
+def mp_log_z_normal(mu, sigma, beta):
+    """log E[exp((mu + sigma Z)/beta)], Z standard normal, by quadrature in z around the integrand's peak."""
+    beta = mpmath.mpf(beta)
+    peak = sigma / beta  # exp(sigma z / beta - z^2 / 2) peaks at z = sigma / beta
+
+    def g(z):
+        return mpmath.exp(sigma * z / beta - z**2 / 2 - (sigma * peak / beta - peak**2 / 2)) / mpmath.sqrt(2 * mpmath.pi)
+
+    integral = mpmath.quad(g, [-mpmath.inf, peak - 10, peak, peak + 10, mpmath.inf])
+    return float(mu / beta + (sigma * peak / beta - peak**2 / 2) + mpmath.log(integral))
+
+
+@pytest.mark.parametrize("name", sorted(UNIT_INTERVAL_TRANSFORMS))
+@pytest.mark.parametrize("beta", BETAS)
+def test_closed_form_log_z_matches_quadrature(name, beta):
+    expected = mp_log_z_unit(UNIT_INTERVAL_TRANSFORMS[name], beta)
+    got = get_transform(name).log_partition(beta)
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-10)
+
+
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("mu,sigma", [(0.0, 1.0), (0.5, 2.0), (-1.0, 0.3)])
+def test_normal_icdf_log_z_matches_quadrature(beta, mu, sigma):
+    expected = mp_log_z_normal(mu, sigma, beta)
+    if (mu, sigma) == (0.0, 1.0):
+        assert get_transform("normal-icdf").log_partition(beta) == pytest.approx(expected, rel=1e-12)
+    got = get_transform("affine-normal-icdf", mu=mu, sigma=sigma).log_partition(beta)
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-10)
+
+
+def test_scaled_normal_icdf_is_per_prompt():
+    ref = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.5, 1.0], [3.0, 3.0, 3.0]])
+    transform = ScaledNormalICDF.from_ref_rewards(ref)
+    std = ref.double().std(dim=1)
+    assert torch.allclose(transform.sigma, std / std.mean())
+    beta = 0.1
+    log_z = transform.log_partition(beta)
+    assert log_z.shape == (3,)
+    for i in range(3):
+        expected = mp_log_z_normal(0.0, float(transform.sigma[i]), beta) if transform.sigma[i] > 0 else 0.0
+        assert float(log_z[i]) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    q = torch.tensor([0.5, 0.9, 0.9], dtype=torch.float64)
+    assert torch.allclose(transform(q), transform.sigma * torch.special.ndtri(q))
+
+
+@pytest.mark.parametrize("name", ["identity", "log", "square", "sqrt", "normal-icdf", "affine-normal-icdf"])
+def test_log_z_finite_without_overflow_at_tiny_beta(name):
+    for beta in (3e-4, 1e-4):
+        value = get_transform(name).log_partition(beta)
+        assert math.isfinite(value)
+        assert math.isfinite(beta * value)
+
+
+def test_identity_exact_against_the_reference_codes_approximation():
+    """The paper's code drops log1p(-exp(-1/beta)); the exact form differs from it as qrpo-math.md states."""
+    identity = get_transform("identity")
+    # (beta, the gap as qrpo-math.md rounds it, decimals)
+    for beta, gap, decimals in [(0.05, 0.0, 6), (0.1, -4.5e-5, 6), (0.5, -0.15, 2), (1.0, -0.46, 2)]:
+        exact_gap = identity.log_partition(beta) - (math.log(beta) + 1 / beta)
+        assert exact_gap == pytest.approx(math.log1p(-math.exp(-1 / beta)), rel=1e-9, abs=1e-15)
+        assert round(exact_gap, decimals) == pytest.approx(gap)
+
+
+@pytest.mark.parametrize("name", sorted(UNIT_INTERVAL_TRANSFORMS))
+@pytest.mark.parametrize("beta", BETAS)
+def test_callable_quadrature_matches_closed_forms(name, beta):
+    closed = get_transform(name)
+    user = get_transform(lambda q: closed(q))  # a plain callable: log Z by quadrature
+    assert isinstance(user, CallableTransform)
+    assert user.log_partition(beta) == pytest.approx(closed.log_partition(beta), abs=1e-6, rel=1e-9)
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 3.0, 10.0])
+def test_callable_quadrature_handles_singular_endpoints(beta):
+    """Phi^{-1} is infinite at both ends: tanh-sinh nodes still integrate exp(Phi^{-1}(t)/beta) to 1e-6."""
+    user = get_transform(lambda q: torch.special.ndtri(q))
+    assert user.log_partition(beta) == pytest.approx(1 / (2 * beta**2), abs=1e-6)
+
+
+def test_quadrature_warns_when_the_mass_is_beyond_float64():
+    with pytest.warns(UserWarning, match="inaccurate"):
+        quadrature_log_partition(torch.special.ndtri, 0.05)
+
+
+def test_registry_by_name_import_path_and_errors():
+    assert {"identity", "log", "square", "sqrt", "normal-icdf", "affine-normal-icdf", "scaled-normal-icdf"} <= set(
+        list_transforms()
+    )
+    register_transform("cube", lambda q: q**3)
+    cube = get_transform("cube")
+    # E[exp(U^3 / beta)] by mpmath
+    assert cube.log_partition(0.2) == pytest.approx(mp_log_z_unit(lambda t: t**3, 0.2), abs=1e-9)
+    assert get_transform("math:sqrt").name == "sqrt"  # import path "module:function"
+    with pytest.raises(ValueError, match="Unknown transform 'nope'"):
+        get_transform("nope")
+    with pytest.raises(ValueError, match="Invalid parameters"):
+        get_transform("identity", mu=1.0)
+
+    class Shifted(Transform):
+        name = "shifted"
+
+        def f(self, q):
+            return q + 1.0
+
+        def log_partition(self, beta):
+            return 1.0 / beta + get_transform("identity").log_partition(beta)
+
+    register_transform("shifted", Shifted)
+    assert isinstance(get_transform("shifted"), Shifted)
+    assert get_transform("shifted").log_partition(0.5) == pytest.approx(
+        quadrature_log_partition(Shifted().f, 0.5), abs=1e-9
+    )
