@@ -399,3 +399,24 @@ def test_precompute_and_lora_give_the_first_step_loss_of_the_plain_path(tiny_mod
     assert lora_precomputed[0] == pytest.approx(plain[0], rel=1e-5)
     assert precomputed[1] == pytest.approx(plain[1], rel=1e-4)  # same data order, same update
     assert lora[1] != pytest.approx(plain[1], rel=1e-6)  # LoRA trains other parameters
+
+
+def test_rebel_baseline_on_paired_data(tiny_model_dir, tmp_path):
+    from trl_qrpo import rebel_loss
+
+    rows = make_rows(4)
+    trainer = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path, loss_type="rebel"), train_dataset=as_dataset(rows))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    loss, batch = first_batch_loss(trainer)
+    with torch.no_grad():
+        logps, ref_logps, _ = trainer.sequence_log_probs(trainer.model, batch)
+    lr = logps - ref_logps
+    expected = rebel_loss(
+        lr[:4], lr[4:], torch.tensor([r["chosen_reward"] for r in rows]), torch.tensor([r["rejected_reward"] for r in rows]), 0.1
+    ).mean()
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="sample_selector='both'"):
+        config(tmp_path, loss_type="rebel", sample_selector="chosen")

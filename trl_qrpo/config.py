@@ -8,7 +8,7 @@ from typing import Any
 from trl import DPOConfig
 
 from .data import SAMPLE_SELECTORS, SELF_INCLUSION
-from .losses import LOSS_TYPES, PARTITION_MODES, TIES
+from .losses import BASELINE_LOSS_TYPES, LOSS_TYPES, PARTITION_MODES, TIES
 
 
 @dataclass
@@ -30,7 +30,9 @@ class QRPOConfig(DPOConfig):
             about 1 (the quantile range), so `beta` sets how far, in nats, the policy may move: `1/beta`. Transforms
             with a wider range (normal-icdf) were run with larger values ({3e-2, 1e-1, 3e-1}).
         loss_type (`str`, *optional*, defaults to `"mse"`):
-            `"mse"`: `(target - beta * logratio)^2`, the paper's; `"mae"`: `|target - beta * logratio|`.
+            `"mse"`: `(target - beta * logratio)^2`, the paper's; `"mae"`: `|target - beta * logratio|`. The
+            baseline `"rebel"` (REBEL: `((r_c - r_r)/beta - (logratio_c - logratio_r))^2` over pairs, raw rewards, no
+            quantiles) is there to compare with on the same data and trainer; it needs paired data with both sides.
         transform (`str`, *optional*, defaults to `"identity"`):
             Transform f applied to the quantile reward: `"identity"`, `"log"`, `"square"`, `"sqrt"`, `"normal-icdf"`,
             `"affine-normal-icdf"` (parameters `mu`, `sigma` in `transform_kwargs`), `"scaled-normal-icdf"`, any name
@@ -77,7 +79,10 @@ class QRPOConfig(DPOConfig):
     )
     loss_type: list[str] = field(
         default_factory=lambda: ["mse"],
-        metadata={"help": "QRPO regression loss: `'mse'` (the paper's) or `'mae'`."},
+        metadata={
+            "help": "QRPO regression loss: `'mse'` (the paper's) or `'mae'`; or the pairwise baseline `'rebel'` (paired "
+            "data, both sides), for comparisons."
+        },
     )
     transform: str = field(
         default="identity",
@@ -136,11 +141,14 @@ class QRPOConfig(DPOConfig):
             self.transform_kwargs = json.loads(self.transform_kwargs)
         super().__post_init__()
         loss_type = self.loss_type
-        if len(loss_type) != 1 or loss_type[0] not in LOSS_TYPES:
+        if len(loss_type) != 1 or loss_type[0] not in LOSS_TYPES + BASELINE_LOSS_TYPES:
             raise ValueError(
                 f"QRPO's loss_type is one of {list(LOSS_TYPES)} (a regression loss), got {loss_type}. DPO loss types "
-                "compare two completions and do not apply; remove loss_type from a ported DPO config."
+                "compare two completions and do not apply; remove loss_type from a ported DPO config. (The baseline "
+                "'rebel' is also accepted, for comparisons.)"
             )
+        if loss_type[0] == "rebel" and self.sample_selector != "both":
+            raise ValueError("loss_type='rebel' compares the two sides of each pair: it needs sample_selector='both'.")
         choices = {
             "partition_mode": PARTITION_MODES,
             "ties": TIES,

@@ -25,6 +25,7 @@ __all__ = ["quantile_rewards", "qrpo_targets", "qrpo_loss", "rebel_loss", "TIES"
 TIES = ("le", "midrank", "random")
 PARTITION_MODES = ("continuous", "discrete")
 LOSS_TYPES = ("mse", "mae")
+BASELINE_LOSS_TYPES = ("rebel",)  # pairwise baselines, for comparisons on the same data and trainer
 
 
 def _as_float64(x) -> torch.Tensor:

@@ -41,7 +41,7 @@ from .data import (
     quantile_batch,
     target_batch,
 )
-from .losses import qrpo_loss
+from .losses import qrpo_loss, rebel_loss
 from .metrics import spearman_correlation
 from .transforms import get_transform
 
@@ -448,14 +448,22 @@ class QRPOTrainer(DPOTrainer):
         logratios = logps - ref_logps
         lengths = inputs["completion_mask"][:, 1:].sum(dim=1)
         beta = inputs["beta"].to(logps.device)
-        losses = qrpo_loss(
-            logratios,
-            inputs["target"],
-            beta,
-            loss_type=self.args.loss_type[0],
-            completion_lengths=lengths,
-            normalize_by_length=self.args.normalize_loss_by_length,
-        )
+        if self.args.loss_type[0] == "rebel":
+            side, reward = inputs["side"], inputs["reward"].to(logratios.device)
+            if not (side == 1).any() or torch.isnan(reward).any():
+                raise ValueError("loss_type='rebel' needs paired data with both sides and their raw rewards.")
+            losses = rebel_loss(
+                logratios[side == 0], logratios[side == 1], reward[side == 0], reward[side == 1], self.args.beta
+            )
+        else:
+            losses = qrpo_loss(
+                logratios,
+                inputs["target"],
+                beta,
+                loss_type=self.args.loss_type[0],
+                completion_lengths=lengths,
+                normalize_by_length=self.args.normalize_loss_by_length,
+            )
         loss = losses.mean()
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
