@@ -1,0 +1,1 @@
+"""Scripts behind `trl qrpo ...`: `qrpo.py` is the training script that `accelerate launch` runs."""
