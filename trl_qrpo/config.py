@@ -8,6 +8,7 @@ from typing import Any
 from trl import DPOConfig
 
 from .data import SAMPLE_SELECTORS, SELF_INCLUSION
+from .distributed import check_every_launched_process_joined, set_up_cpu_only_launch
 from .losses import BASELINE_LOSS_TYPES, LOSS_TYPES, PARTITION_MODES, TIES
 
 
@@ -139,7 +140,9 @@ class QRPOConfig(DPOConfig):
             import json
 
             self.transform_kwargs = json.loads(self.transform_kwargs)
+        set_up_cpu_only_launch(self)
         super().__post_init__()
+        check_every_launched_process_joined(self)
         loss_type = self.loss_type
         if len(loss_type) != 1 or loss_type[0] not in LOSS_TYPES + BASELINE_LOSS_TYPES:
             raise ValueError(

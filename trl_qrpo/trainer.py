@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list, is_peft_model, tqdm
+from accelerate.utils import broadcast_object_list, gather_object, is_peft_model, tqdm
 from datasets import Dataset, IterableDataset, concatenate_datasets
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
@@ -382,46 +382,51 @@ class QRPOTrainer(DPOTrainer):
         fingerprint = [Hasher.hash(("qrpo-ref-logps", dataset._fingerprint, self._precompute_model_hash))]
         broadcast_object_list(fingerprint, from_process=0)
         cache_file = dataset._get_cache_file_path(fingerprint[0])
-        if not os.path.exists(cache_file):
-            loader = self.accelerator.prepare(
-                DataLoader(
-                    dataset,
-                    batch_size=batch_size,
-                    collate_fn=self.data_collator,
-                    num_workers=self.args.dataloader_num_workers,
-                    pin_memory=self.args.dataloader_pin_memory,
-                    shuffle=False,
-                )
+        # Unlike DPO, the cache is read only when every process sees it, and a fresh result is built from memory in
+        # every process: an in-memory dataset caches in a temporary folder of each process, and nodes may not share
+        # the datasets cache, so a file written by the main process is not always there for the others (DPO then
+        # fails with FileNotFoundError, or waits forever when only some processes find an old cache).
+        if all(gather_object([os.path.exists(cache_file)])):
+            return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+        loader = self.accelerator.prepare(
+            DataLoader(
+                dataset,
+                batch_size=batch_size,
+                collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers,
+                pin_memory=self.args.dataloader_pin_memory,
+                shuffle=False,
             )
-            # Before `train`, DeepSpeed has not placed the model yet: an inference engine gathers ZeRO-3 shards.
-            if self.ref_model is None and self.is_deepspeed_enabled:
-                if self._precompute_engine is None:
-                    self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
-                model = self._precompute_engine
-            else:
-                model = self.ref_model or self.model
-            rows = []
-            for batch in tqdm(
-                loader,
-                desc=f"Computing reference log probs for {name} dataset",
-                disable=bool(os.environ.get("TQDM_DISABLE", "")),
-            ):
-                logps = self.compute_ref_log_probs(model, batch)
-                logps = logps.view(_completions_per_row(batch), -1).T.contiguous()  # side-major sequences -> [rows, k]
-                rows.append(self.accelerator.gather_for_metrics(logps).cpu())
-            ref_logps = torch.cat(rows).tolist()
-            if self.accelerator.is_main_process:
-                dataset.map(
-                    lambda _, indices: {"ref_logps": [ref_logps[i] for i in indices]},
-                    with_indices=True,
-                    batched=True,
-                    remove_columns=dataset.column_names,
-                    new_fingerprint=fingerprint[0],
-                    cache_file_name=cache_file,
-                    desc=f"Caching reference log probs for {name} dataset",
-                )
-            self.accelerator.wait_for_everyone()
-        return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+        )
+        # Before `train`, DeepSpeed has not placed the model yet: an inference engine gathers ZeRO-3 shards.
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            if self._precompute_engine is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model or self.model
+        rows = []
+        for batch in tqdm(
+            loader,
+            desc=f"Computing reference log probs for {name} dataset",
+            disable=bool(os.environ.get("TQDM_DISABLE", "")),
+        ):
+            logps = self.compute_ref_log_probs(model, batch)
+            logps = logps.view(_completions_per_row(batch), -1).T.contiguous()  # side-major sequences -> [rows, k]
+            rows.append(self.accelerator.gather_for_metrics(logps).cpu())
+        ref_logps = torch.cat(rows).tolist()  # every row, in every process
+        if self.accelerator.is_main_process:  # for later runs
+            dataset.map(
+                lambda _, indices: {"ref_logps": [ref_logps[i] for i in indices]},
+                with_indices=True,
+                batched=True,
+                remove_columns=dataset.column_names,
+                new_fingerprint=fingerprint[0],
+                cache_file_name=cache_file,
+                desc=f"Caching reference log probs for {name} dataset",
+            )
+        self.accelerator.wait_for_everyone()
+        return concatenate_datasets([dataset, Dataset.from_dict({"ref_logps": ref_logps})], axis=1)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss and metrics
