@@ -1,0 +1,288 @@
+"""Target preparation: quantiles, targets and log Z for a large dataset (issue item 3).
+
+    python benchmarks/bench_targets.py                                 # 1,000,000 rows x 64 refs; ~1-2 minutes
+    python benchmarks/bench_targets.py --rows 1000000 --refs 64 --dataset-rows 100000 --full-rows 10000
+
+Two layers, so that both the math and the plumbing are visible:
+  math       trl_qrpo.losses.quantile_rewards + qrpo_targets on torch tensors ([rows] rewards, [rows, refs] float32
+             reference rewards), a fresh subprocess per case: median time over --repeats and peak RSS over the
+             inputs (peak reset right before the call; tracemalloc would not see torch's allocations).
+  dataset    the `datasets.map` steps QRPOTrainer._prepare_dataset runs for them (trl_qrpo.data.quantile_batch and
+             target_batch, batched by 10,000, with the trainer's arguments) on a paired `datasets.Dataset` of
+             --dataset-rows rows; and the whole _prepare_dataset (tokenization included) on --full-rows rows.
+Target: math under 2 s for 1,000,000 x 64 on this 2-core machine. Writes results/targets.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import common
+
+MATH_CASES = {
+    # name: (completions per row k, transform, partition mode, ties)
+    "pointwise identity": (1, "identity", "continuous", "le"),
+    "paired (k=2) identity": (2, "identity", "continuous", "le"),
+    "pointwise log + discrete Z": (1, "log", "discrete", "le"),
+    "pointwise ties=random": (1, "identity", "continuous", "random"),
+}
+
+
+def math_worker(spec: dict) -> dict:
+    import torch
+
+    from trl_qrpo.losses import qrpo_targets, quantile_rewards
+
+    k, transform, partition, ties = MATH_CASES[spec["case"]]
+    rows, refs = spec["rows"], spec["refs"]
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(rows, refs, generator=g, dtype=torch.float32)
+    rewards = torch.randn(rows, k, generator=g, dtype=torch.float32)
+    if k == 1:
+        rewards = rewards[:, 0].contiguous()
+    # warm the code paths on a small slice (first-call costs are not what is measured)
+    q, n = quantile_rewards(rewards[:100], ref[:100], ties=ties, return_num_refs=True, generator=g)
+    qrpo_targets(q, transform, 1e-3, n, partition)
+    gc.collect()
+    base = common.rss_mb()
+    t_q, t_t, peaks = [], [], []
+    for _ in range(spec["repeats"]):
+        common.reset_peak_rss()
+        start = time.perf_counter()
+        q, n = quantile_rewards(rewards, ref, ties=ties, return_num_refs=True, generator=g)
+        mid = time.perf_counter()
+        targets, beta_log_z = qrpo_targets(q, transform, 1e-3, n, partition)
+        end = time.perf_counter()
+        peaks.append(common.peak_rss_mb() - base)
+        t_q.append(mid - start)
+        t_t.append(end - mid)
+        del q, n, targets, beta_log_z
+        gc.collect()
+    return {
+        "case": spec["case"],
+        "rows": rows,
+        "refs": refs,
+        "completions_per_row": k,
+        "input_mb": (ref.numel() * ref.element_size() + rewards.numel() * rewards.element_size()) / 2**20,
+        "quantiles_s": statistics.median(t_q),
+        "targets_s": statistics.median(t_t),
+        "total_s": statistics.median([a + b for a, b in zip(t_q, t_t)]),
+        "all_total_s": [a + b for a, b in zip(t_q, t_t)],
+        "peak_over_inputs_mb": max(peaks),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def paired_dataset(rows: int, refs: int, seed: int = 0):
+    import numpy as np
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed)
+    words = common.word_list()[:5000]
+    pick = rng.integers(0, len(words), size=(rows, 3))
+    return Dataset.from_dict(
+        {
+            "prompt": [words[i] for i in pick[:, 0]],
+            "chosen": [" " + words[i] for i in pick[:, 1]],
+            "rejected": [" " + words[i] for i in pick[:, 2]],
+            "chosen_reward": rng.normal(0.5, 1, rows).tolist(),
+            "rejected_reward": rng.normal(-0.5, 1, rows).tolist(),
+            "ref_rewards": rng.normal(0, 1, (rows, refs)).astype(np.float32).tolist(),
+        }
+    )
+
+
+def dataset_worker(spec: dict) -> dict:
+    """The quantile and target map steps of QRPOTrainer._prepare_dataset, with its arguments, timed one by one."""
+    import tempfile
+
+    from trl_qrpo import QRPOConfig, QRPOTrainer, get_transform
+    from trl_qrpo.data import detect_layout, quantile_batch, target_batch
+    from trl_qrpo.trainer import _consumed_columns
+
+    out = {"rows": spec["rows"], "refs": spec["refs"]}
+    ds = paired_dataset(spec["rows"], spec["refs"])
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = QRPOConfig(output_dir=tmp, bf16=False, use_cpu=True, report_to="none")
+    layout = detect_layout(ds.column_names)
+    transform = get_transform(cfg.transform, **(cfg.transform_kwargs or {}))
+    gc.collect()
+    base = common.rss_mb()
+    common.reset_peak_rss()
+    start = time.perf_counter()
+    quantiled = ds.map(
+        quantile_batch,
+        batched=True,
+        with_indices=True,
+        batch_size=10_000,
+        remove_columns=[c for c in ds.column_names if c in _consumed_columns(layout)],
+        fn_kwargs={
+            "layout": layout,
+            "num_ref_rewards": cfg.num_ref_rewards,
+            "ties": cfg.ties,
+            "sample_selector": cfg.sample_selector,
+            "self_inclusion": cfg.self_inclusion,
+            "seed": cfg.seed,
+        },
+    )
+    mid = time.perf_counter()
+    targeted = quantiled.map(
+        target_batch,
+        batched=True,
+        batch_size=10_000,
+        fn_kwargs={
+            "transform": transform,
+            "beta": cfg.beta,
+            "partition_mode": cfg.partition_mode,
+            "normalize_beta_by_length": cfg.normalize_beta_by_length,
+            "max_length": cfg.max_length,
+            "truncation_mode": cfg.truncation_mode,
+            "ref_std_normalizer": None,
+        },
+        remove_columns=["completions", "num_refs", "in_refs", "ref_std"],
+    )
+    end = time.perf_counter()
+    out.update(
+        quantile_map_s=mid - start,
+        target_map_s=end - mid,
+        maps_total_s=end - start,
+        maps_peak_over_start_mb=common.peak_rss_mb() - base,
+        rows_per_s=spec["rows"] / (end - start),
+    )
+    assert len(targeted) == spec["rows"]
+
+    # The whole _prepare_dataset (tokenization, truncation check, targets) on a smaller set, through a bare trainer
+    # object carrying only what the method reads (no model is loaded).
+    if spec.get("full_rows"):
+        small = paired_dataset(spec["full_rows"], spec["refs"], seed=1)
+        stub = QRPOTrainer.__new__(QRPOTrainer)
+        tokenizer = common.build_tokenizer()
+        stub._tokenizer, stub._transform, stub._ref_std_normalizer = tokenizer, transform, None
+        try:
+            start = time.perf_counter()
+            QRPOTrainer._prepare_dataset(stub, small, tokenizer, cfg, "train")
+            out["full_prepare_rows"] = spec["full_rows"]
+            out["full_prepare_s"] = time.perf_counter() - start
+            out["full_prepare_rows_per_s"] = spec["full_rows"] / out["full_prepare_s"]
+        except Exception as error:  # an internal changed shape: report, don't fail the benchmark
+            out["full_prepare_error"] = repr(error)
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--refs", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cases", default=",".join(MATH_CASES), help="comma-separated: " + ", ".join(MATH_CASES))
+    p.add_argument("--dataset-rows", type=int, default=100_000, help="rows for the datasets.map steps (0: skip)")
+    p.add_argument("--full-rows", type=int, default=10_000, help="rows for the whole _prepare_dataset (0: skip)")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--name", default="targets")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        p.set_defaults(  # smallest settings; flags given explicitly still win
+            rows=20_000, refs=16, repeats=1, cases="pointwise identity", dataset_rows=2_000, full_rows=200
+        )
+        args = p.parse_args(argv)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    machine = common.machine_info()
+    script = Path(__file__)
+    math_results = []
+    with common.LoadMonitor() as load:
+        for case in args.cases.split(","):
+            spec = {"kind": "math", "case": case.strip(), "rows": args.rows, "refs": args.refs, "repeats": args.repeats}
+            math_results.append(common.run_worker(script, spec))
+        dataset_result = None
+        if args.dataset_rows:
+            spec = {"kind": "dataset", "rows": args.dataset_rows, "refs": args.refs, "full_rows": args.full_rows}
+            dataset_result = common.run_worker(script, spec)
+    rows = [
+        {
+            "case": r["case"],
+            "shape": f"{r['rows']:,} x {r['refs']}" + (f" (k={r['completions_per_row']})" if r["completions_per_row"] > 1 else ""),
+            "quantiles_s": r["quantiles_s"],
+            "targets_s": r["targets_s"],
+            "total_s": r["total_s"],
+            "peak_mb": r["peak_over_inputs_mb"],
+            "input_mb": r["input_mb"],
+            "met": "yes" if r["total_s"] < 2.0 else "NO",
+        }
+        for r in math_results
+    ]
+    common.print_table(
+        rows,
+        [
+            ("case", "case"),
+            ("shape", "rows x refs"),
+            ("quantiles_s", "quantile_rewards s"),
+            ("targets_s", "qrpo_targets s"),
+            ("total_s", "total s"),
+            ("peak_mb", "peak MiB over inputs"),
+            ("input_mb", "inputs MiB"),
+            ("met", "< 2 s"),
+        ],
+        title="Target preparation, the math (torch tensors)",
+    )
+    if dataset_result:
+        d = dataset_result
+        drows = [
+            {"step": "quantile_batch map", "rows": d["rows"], "s": d["quantile_map_s"], "rows_s": d["rows"] / d["quantile_map_s"]},
+            {"step": "target_batch map", "rows": d["rows"], "s": d["target_map_s"], "rows_s": d["rows"] / d["target_map_s"]},
+            {"step": "both maps", "rows": d["rows"], "s": d["maps_total_s"], "rows_s": d["rows_per_s"], "peak_mb": d["maps_peak_over_start_mb"]},
+        ]
+        if "full_prepare_s" in d:
+            drows.append({"step": "whole _prepare_dataset (with tokenization)", "rows": d["full_prepare_rows"],
+                          "s": d["full_prepare_s"], "rows_s": d["full_prepare_rows_per_s"]})
+        common.print_table(
+            drows,
+            [("step", "step"), ("rows", "rows"), ("s", "seconds"), ("rows_s", "rows/s"), ("peak_mb", "peak MiB over start")],
+            title=f"Target preparation through datasets (paired rows, {args.refs} reference rewards)",
+        )
+
+    def draw(plt):
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        names = [r["case"] for r in math_results]
+        axes[0].barh(names, [r["quantiles_s"] for r in math_results], label="quantile_rewards")
+        axes[0].barh(names, [r["targets_s"] for r in math_results], left=[r["quantiles_s"] for r in math_results],
+                     label="qrpo_targets")
+        axes[0].axvline(2.0, color="red", linestyle="--", label="target 2 s")
+        axes[0].set_xlabel(f"seconds for {args.rows:,} x {args.refs}")
+        axes[0].legend()
+        axes[1].barh(names, [r["peak_over_inputs_mb"] for r in math_results])
+        axes[1].set_xlabel("peak RSS over inputs (MiB)")
+        fig.suptitle("QRPO target preparation (CPU)")
+
+    payload = {
+        "benchmark": "targets",
+        "args": vars(args),
+        "machine": machine,
+        "load": load.summary(),
+        "math": math_results,
+        "dataset": dataset_result,
+        "table": rows,
+        "target_met": all(r["total_s"] < 2.0 for r in math_results),
+    }
+    common.write_json(args.name, payload, args.out_dir)
+    common.plot(args.name, draw, args.out_dir)
+    return payload
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        spec = json.loads(sys.argv[2])
+        print(json.dumps(math_worker(spec) if spec["kind"] == "math" else dataset_worker(spec)), flush=True)
+    else:
+        main()
