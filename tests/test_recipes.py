@@ -17,7 +17,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 ACCELERATE_DIR = RECIPES / "accelerate_configs"
-TRAINING_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if ACCELERATE_DIR not in p.parents)
+# Configs of the pre-computation subcommands (`trl qrpo generate --config ...`) are named after their subcommand.
+SUBCOMMAND_CONFIGS = {"generate.yaml", "score.yaml", "build-offpolicy.yaml", "merge.yaml", "evaluate.yaml"}
+PRECOMPUTE_CONFIGS = sorted(p for p in RECIPES.rglob("*.yaml") if p.name in SUBCOMMAND_CONFIGS)
+TRAINING_RECIPES = sorted(
+    p for p in RECIPES.rglob("*.yaml") if ACCELERATE_DIR not in p.parents and p.name not in SUBCOMMAND_CONFIGS
+)
 PAPER_RECIPES = sorted((RECIPES / "paper").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted(ACCELERATE_DIR.glob("*.yaml"))
 
@@ -124,10 +129,56 @@ def test_quickstart_recipe_runs_on_cpu(in_repo):
     assert model_args.model_name_or_path == "outputs/quickstart/SmolLM2-135M-Instruct"
     assert f"prepare-smollm2 --output_dir {model_args.model_name_or_path}" in path.read_text()
     prompts = [json.loads(line) for line in (RECIPES / "quickstart" / "prompts.jsonl").read_text().splitlines()]
+    held_out = [json.loads(line) for line in (RECIPES / "quickstart" / "eval_prompts.jsonl").read_text().splitlines()]
     assert len(prompts) >= 32
-    for row in prompts:
+    for row in prompts + held_out:
         assert list(row) == ["prompt"]
         assert [message["role"] for message in row["prompt"]] == ["user"] and row["prompt"][0]["content"].strip()
+
+
+@pytest.mark.parametrize("path", PRECOMPUTE_CONFIGS, ids=_id)
+def test_precompute_config_parses(path, in_repo):
+    """Parsed by the subcommand's own parser, which refuses keys it does not know."""
+    from trl import TrlParser
+
+    from trl_qrpo.scripts import reference_cli
+
+    arguments = {
+        "generate": reference_cli.GenerateArguments,
+        "score": reference_cli.ScoreArguments,
+        "build-offpolicy": reference_cli.BuildOffPolicyArguments,
+        "merge": reference_cli.MergeArguments,
+        "evaluate": reference_cli.EvaluateArguments,
+    }[path.stem]
+    (args,) = TrlParser(arguments).parse_args_and_config(args=["--config", str(path)])
+    command = f"trl qrpo {path.stem} --config {path.relative_to(REPO)}"
+    assert command in path.read_text(), "the header shows the command"
+    if getattr(args, "dataset_name", None) and not args.dataset_name.startswith("outputs/"):
+        assert (REPO / args.dataset_name).is_file(), "input data in the repository"
+    if getattr(args, "output_dir", None):
+        assert args.output_dir.startswith("outputs/"), "outputs/ is git-ignored"
+
+
+def test_quickstart_pipeline_is_wired(in_repo):
+    """Each step of the quick start reads what the step before it writes (the YAML defaults, as run by hand)."""
+    import yaml
+
+    quickstart = RECIPES / "quickstart"
+    config = {name: yaml.safe_load((quickstart / f"{name}.yaml").read_text()) for name in ("generate", "score")}
+    config["build"] = yaml.safe_load((quickstart / "build-offpolicy.yaml").read_text())
+    config["train"] = yaml.safe_load((quickstart / "qrpo.yaml").read_text())
+    assert config["generate"]["dataset_name"] == "recipes/quickstart/prompts.jsonl"
+    assert config["score"]["dataset_name"] == config["generate"]["output_dir"]
+    assert config["build"]["dataset_name"] == config["score"]["output_dir"]
+    assert config["train"]["dataset_name"] == config["build"]["output_dir"]
+    assert config["train"]["model_name_or_path"] == config["generate"]["model_name_or_path"]
+    evaluate = yaml.safe_load((quickstart / "evaluate.yaml").read_text())
+    assert evaluate["dataset_name"] == "recipes/quickstart/eval_prompts.jsonl"
+    assert evaluate["reward_funcs"] == config["score"]["reward_funcs"] == ["trl_qrpo.rewards.vader_sentiment"]
+    assert evaluate["max_new_tokens"] == config["generate"]["max_new_tokens"]
+    train_prompts = (quickstart / "prompts.jsonl").read_text().splitlines()
+    held_out = (quickstart / "eval_prompts.jsonl").read_text().splitlines()
+    assert len(held_out) >= 16 and not set(train_prompts) & set(held_out), "evaluation prompts are held out"
 
 
 @pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=_id)
@@ -154,3 +205,97 @@ def test_accelerate_config_loads(path):
     if "multinode" in path.stem:
         assert args.num_machines > 1
         assert f"--accelerate_config recipes/accelerate_configs/{path.name}" in path.read_text()
+
+
+# ------------------------------------------------------------- paper recipes: the data the pre-computation writes
+
+
+def _header_commands(path: Path) -> str:
+    """The shell lines of a recipe's header (comment markers removed, continuation lines joined)."""
+    lines = [line[1:].strip() for line in path.read_text().splitlines() if line.startswith("#")]
+    return " ".join(" ".join(lines).replace("\\", " ").split())
+
+
+@pytest.mark.parametrize("path", PAPER_RECIPES, ids=_id)
+def test_paper_recipe_reads_the_splits_its_precomputation_writes(path, in_repo):
+    script_args, args, _, _, _ = parse_recipe(path, "--use_cpu", "true")
+    header = _header_commands(path)
+    run_dir = f"outputs/{path.stem}"
+    assert f"R={run_dir} " in header
+    assert script_args.dataset_name == f"{run_dir}/ref-rewards"
+    # One split per pass, each exported next to the other: <dataset_name>/{train,test}.parquet.
+    assert "for split in train test; do" in header
+    assert "--output_file $R/ref-rewards/$split.parquet" in header
+    assert (script_args.dataset_train_split, script_args.dataset_test_split) == ("train", "test")
+    assert args.eval_strategy == "steps", "the test split is used"
+    assert "--num_generations 50" in header and "--max_new_tokens 2048" in header
+    if "leetcode" in path.name:
+        assert "build-offpolicy --dataset_name $R/scored-$split --mode random_pairs --num_candidates 10" in header
+    else:
+        assert "--reward_model_name_or_path RLHFlow/ArmoRM-Llama3-8B-v0.1 --trust_remote_code" in header
+    if "ultrafeedback" in path.name:
+        # H4's data: a string `prompt` next to conversational pairs, and GPT-4 ratings under reward aliases.
+        assert "remove_columns(['prompt', 'messages', 'score_chosen', 'score_rejected'])" in header
+
+
+def _paired_source(n: int, with_ratings: bool = False):
+    from datasets import Dataset
+
+    data = {
+        "chosen": [
+            [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"good {i}"}]
+            for i in range(n)
+        ],
+        "rejected": [
+            [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "bad"}] for i in range(n)
+        ],
+    }
+    if with_ratings:
+        data["score_chosen"], data["score_rejected"] = [8.0] * n, [3.0] * n
+    return Dataset.from_dict(data)
+
+
+def test_precomputation_as_the_paper_recipes_run_it_feeds_their_data_settings(tmp_path, tiny_model_dir, in_repo):
+    """generate + score (+ build-offpolicy) per split with --output_file, then the training script's loader."""
+    from trl_qrpo.data import alias_renames, detect_layout, shadowed_aliases
+    from trl_qrpo.scripts.qrpo import load_dataset_by_name
+    from trl_qrpo.scripts.reference_cli import SUBCOMMANDS
+
+    tiny = ["--model_name_or_path", str(tiny_model_dir), "--num_generations", "3", "--max_new_tokens", "4"]
+    tiny += ["--backend", "transformers", "--batch_size", "8"]
+    sys_path_reward = "test_recipes.length_reward"
+    for run, offpolicy in (("chat", False), ("code", True)):
+        R = tmp_path / run
+        for split, n in (("train", 4), ("test", 2)):
+            _paired_source(n).to_parquet(str(R / f"pairs-{split}.parquet"))
+            assert SUBCOMMANDS["generate"](
+                ["--dataset_name", str(R / f"pairs-{split}.parquet"), *tiny, "--output_dir", str(R / f"refs-{split}")],
+                "trl qrpo generate",
+            ) == 0
+            export = ["--output_file", str(R / "ref-rewards" / f"{split}.parquet")]
+            score = ["--dataset_name", str(R / f"refs-{split}"), "--reward_funcs", sys_path_reward]
+            assert SUBCOMMANDS["score"](
+                [*score, "--output_dir", str(R / f"scored-{split}"), *([] if offpolicy else export)], "trl qrpo score"
+            ) == 0
+            if offpolicy:
+                assert SUBCOMMANDS["build-offpolicy"](
+                    ["--dataset_name", str(R / f"scored-{split}"), "--mode", "random_pairs", "--num_candidates", "3"]
+                    + ["--output_dir", str(R / f"pairs-out-{split}"), *export],
+                    "trl qrpo build-offpolicy",
+                ) == 0
+        data = load_dataset_by_name(str(R / "ref-rewards"), train_split="train")
+        assert set(data) == {"train", "test"} and (len(data["train"]), len(data["test"])) == (4, 2)
+        columns = data["train"].column_names
+        assert alias_renames(columns) == {}
+        layout = detect_layout(columns)
+        assert layout.kind == "paired" and layout.has_ref_rewards and layout.has_in_refs == offpolicy
+
+    # H4's ratings next to the new rewards: the new (canonical) columns are used, the ratings are reported as unused.
+    columns = [*_paired_source(1, with_ratings=True).column_names, "chosen_reward", "rejected_reward"]
+    assert alias_renames(columns) == {}
+    assert shadowed_aliases(columns) == {"score_chosen": "chosen_reward", "score_rejected": "rejected_reward"}
+
+
+def length_reward(prompts, completions, **kwargs):
+    """A reward function with TRL's signature, importable as `test_recipes.length_reward` (tests/ is on sys.path)."""
+    return [float(len(c[-1]["content"] if isinstance(c, list) else c)) for c in completions]

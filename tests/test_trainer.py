@@ -420,3 +420,16 @@ def test_rebel_baseline_on_paired_data(tiny_model_dir, tmp_path):
     assert loss == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(ValueError, match="sample_selector='both'"):
         config(tmp_path, loss_type="rebel", sample_selector="chosen")
+
+
+def test_canonical_reward_columns_win_over_aliases(tiny_model_dir, tmp_path, caplog):
+    rows = make_rows(4)
+    for row in rows:  # e.g. UltraFeedback's original ratings kept next to new rewards
+        row["score_chosen"], row["score_rejected"] = 100.0, -100.0
+    trainer = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path), train_dataset=as_dataset(rows))
+    assert [r[0] for r in trainer.train_dataset["reward"]] == [row["chosen_reward"] for row in rows]
+    rows = make_rows(2)
+    for row in rows:
+        row["score_chosen"] = row["chosen_rewards"] = row.pop("chosen_reward")
+    with pytest.raises(ValueError, match="several aliases of 'chosen_reward'"):
+        QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path), train_dataset=as_dataset(rows))

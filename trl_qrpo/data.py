@@ -78,20 +78,35 @@ class Layout:
 
 
 def alias_renames(column_names: list[str]) -> dict[str, str]:
-    """The renames that bring aliased columns to their canonical names; refuses ambiguous datasets."""
+    """The renames that bring aliased columns to their canonical names.
+
+    A canonical column wins over its aliases (see :func:`shadowed_aliases`: e.g. a data set scored again keeps its
+    original `score_chosen` next to the new `chosen_reward`); two aliases of the same column without the canonical
+    one are ambiguous and refused.
+    """
     renames = {}
     for canonical, aliases in ALIASES.items():
         present = [a for a in aliases if a in column_names]
-        if canonical in column_names and present:
-            raise ValueError(
-                f"The dataset has both '{canonical}' and its alias '{present[0]}'. Remove or rename one of them so "
-                f"that the reward is unambiguous."
-            )
+        if canonical in column_names or not present:
+            continue
         if len(present) > 1:
-            raise ValueError(f"The dataset has several aliases of '{canonical}': {present}. Keep only one.")
-        if present:
-            renames[present[0]] = canonical
+            raise ValueError(
+                f"The dataset has several aliases of '{canonical}': {present}. Rename the one to use to "
+                f"'{canonical}' (or remove the others)."
+            )
+        renames[present[0]] = canonical
     return renames
+
+
+def shadowed_aliases(column_names: list[str]) -> dict[str, str]:
+    """Alias columns that are not used because their canonical column is present: alias -> canonical."""
+    return {
+        alias: canonical
+        for canonical, aliases in ALIASES.items()
+        if canonical in column_names
+        for alias in aliases
+        if alias in column_names
+    }
 
 
 def detect_layout(column_names: list[str]) -> Layout:

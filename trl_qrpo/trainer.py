@@ -36,6 +36,7 @@ from .data import (
     PAIRED,
     POINTWISE,
     alias_renames,
+    shadowed_aliases,
     detect_layout,
     effective_completion_length,
     quantile_batch,
@@ -233,6 +234,13 @@ class QRPOTrainer(DPOTrainer):
             return {"desc": f"{text} {dataset_name} dataset"} if is_map_style else {}
 
         with global_then_local_main_first():
+            shadowed = shadowed_aliases(columns)
+            if shadowed:
+                logger.warning(
+                    f"The {dataset_name} dataset has both canonical reward columns and aliases of them: using "
+                    + ", ".join(f"'{c}' (not '{a}')" for a, c in shadowed.items())
+                    + ". Remove the alias columns to silence this."
+                )
             renames = alias_renames(columns)
             if renames:
                 logger.info(f"Renaming columns of the {dataset_name} dataset: {renames}")
