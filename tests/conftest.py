@@ -1,15 +1,10 @@
-import os
 import sys
 from pathlib import Path
 
 # Nothing in the tests may reach the Hugging Face Hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("WANDB_DISABLED", "true")
-os.environ.setdefault("TQDM_DISABLE", "1")
+from trl_qrpo.offline import use_offline_defaults
+
+use_offline_defaults()
 
 import pytest  # noqa: E402
 

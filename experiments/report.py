@@ -1,0 +1,294 @@
+"""Tables (JSON, CSV) and PNG plots from the finished runs of experiments/run.py.
+
+    python experiments/run.py --config experiments/config.yaml --report_only
+
+Reads `work_dir/eval/reference-s*/result.json` and `work_dir/runs/*/result.json`, writes to `results_dir`:
+results.json (everything), main.csv (method x beta, mean and std over seeds), sweep_transforms.csv,
+sweep_num_ref_rewards.csv, reward_vs_kl.png, length_vs_reward.png, qrpo_sweeps.png, examples.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+LABELS = {"qrpo": "QRPO", "dpo": "DPO", "simpo": "SimPO", "rebel": "REBEL", "reference": "pi_ref"}
+COLORS = {"qrpo": "tab:red", "dpo": "tab:blue", "simpo": "tab:green", "rebel": "tab:purple", "reference": "black"}
+METRICS = (
+    "reward",
+    "kl",
+    "length",
+    "length_bias_own_samples",
+    "length_bias_reference_samples",
+    "truncated_fraction",
+    "positive_fraction",
+    "negative_fraction",
+    "reward_length_spearman",
+)
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _stat(values: list) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return None, None
+    mean = float(np.mean(values))
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return mean, std
+
+
+def aggregate(results: list[dict], keys: tuple[str, ...]) -> list[dict]:
+    """Group runs by `keys` and give the mean and std (over seeds) of every metric."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    rows = []
+    for key, runs in groups.items():
+        row = dict(zip(keys, key))
+        row["seeds"] = sorted(r["seed"] for r in runs)
+        row["num_seeds"] = len(runs)
+        row["samples_per_seed"] = runs[0]["eval"]["num_samples"]
+        for metric in METRICS:
+            mean, std = _stat([r["eval"].get(metric) for r in runs])
+            row[metric], row[f"{metric}_std"] = mean, std
+        if len(runs) == 1:  # one seed: the per-sample standard errors instead
+            row["reward_stderr"] = runs[0]["eval"].get("reward_stderr")
+            row["kl_stderr"] = runs[0]["eval"].get("kl_stderr")
+        row["train_seconds"] = _stat([r.get("train_seconds") for r in runs])[0]
+        row["train_steps"] = runs[0].get("train", {}).get("steps")
+        rows.append(row)
+    return rows
+
+
+def _fmt(mean, std, digits=3, signed=False):
+    if mean is None:
+        return "n/a"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    fields = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: (json.dumps(v) if isinstance(v, list) else v) for k, v in r.items()})
+
+
+def markdown_table(main_rows: list[dict], reference: dict | None) -> str:
+    header = (
+        "| method | beta | seeds | reward | KL(pi‖pi_ref) | length (tokens) | length bias rho, own samples | "
+        "length bias rho, pi_ref samples |\n|---|---|---|---|---|---|---|---|\n"
+    )
+    lines = []
+    if reference:
+        lines.append(
+            f"| pi_ref | – | {reference['num_seeds']} | {_fmt(reference['reward'], reference['reward_std'], signed=True)} "
+            f"| 0 | {_fmt(reference['length'], reference['length_std'], 1)} | – | – |"
+        )
+    for r in main_rows:
+        lines.append(
+            f"| {LABELS[r['method']]} | {r['beta']:g} | {r['num_seeds']} | {_fmt(r['reward'], r['reward_std'], signed=True)} "
+            f"| {_fmt(r['kl'], r['kl_std'], 2)} | {_fmt(r['length'], r['length_std'], 1)} "
+            f"| {_fmt(r['length_bias_own_samples'], r['length_bias_own_samples_std'], 2, True)} "
+            f"| {_fmt(r['length_bias_reference_samples'], r['length_bias_reference_samples_std'], 2, True)} |"
+        )
+    return header + "\n".join(lines) + "\n"
+
+
+def build_report(cfg: dict, work: Path, results_dir: Path) -> dict:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    ref_runs = [_load(p) for p in sorted((work / "eval").glob("reference-s*/result.json"))]
+    runs = [_load(p) for p in sorted((work / "runs").glob("*/result.json"))]
+    main_betas = {m: float(v["betas"][0]) for m, v in cfg["methods"].items()}
+    qrpo_default = cfg["methods"]["qrpo"].get("transform", "identity")
+    n_max = cfg["references"]["num_ref_rewards"]
+
+    reference = None
+    if ref_runs:
+        reference = aggregate([dict(r, method="reference") for r in ref_runs], ("method",))[0]
+    # Method comparison: every beta of every method (QRPO: default transform, all references)
+    comparable = [
+        r for r in runs
+        if r["method"] != "qrpo" or (r["transform"] == qrpo_default and r["num_ref_rewards"] == n_max)
+    ]
+    order = {m: i for i, m in enumerate(("qrpo", "dpo", "simpo", "rebel"))}
+    main_rows = sorted(
+        aggregate(comparable, ("method", "beta")),
+        key=lambda r: (order[r["method"]], r["beta"] != main_betas[r["method"]], r["beta"]),
+    )
+    qrpo = [r for r in runs if r["method"] == "qrpo"]
+    transform_rows = sorted(
+        aggregate([r for r in qrpo if r["num_ref_rewards"] == n_max], ("transform", "beta")),
+        key=lambda r: (r["transform"], -r["beta"]),
+    )
+    n_rows = sorted(
+        aggregate(
+            [r for r in qrpo if r["transform"] == qrpo_default and r["beta"] == main_betas["qrpo"]],
+            ("num_ref_rewards",),
+        ),
+        key=lambda r: r["num_ref_rewards"],
+    )
+    # the n sweep compares runs of the sweep seeds only, so that every n has the same seeds
+    sweep_seeds = set(cfg["sweep"].get("num_ref_rewards_seeds", cfg["sweep"]["seeds"]))
+    n_rows_matched = sorted(
+        aggregate(
+            [
+                r for r in qrpo
+                if r["transform"] == qrpo_default and r["beta"] == main_betas["qrpo"] and r["seed"] in sweep_seeds
+            ],
+            ("num_ref_rewards",),
+        ),
+        key=lambda r: r["num_ref_rewards"],
+    )
+    data_stats = _load(work / "data_stats.json") if (work / "data_stats.json").exists() else None
+    timing = _load(work / "timing.json") if (work / "timing.json").exists() else None
+
+    write_csv(results_dir / "main.csv", ([dict(reference, beta=None)] if reference else []) + main_rows)
+    write_csv(results_dir / "sweep_transforms.csv", transform_rows)
+    write_csv(results_dir / "sweep_num_ref_rewards.csv", n_rows_matched)
+    summary = {
+        "config": cfg,
+        "data": data_stats,
+        "timing_seconds": timing,
+        "reference": reference,
+        "methods": main_rows,
+        "qrpo_transforms": transform_rows,
+        "qrpo_num_ref_rewards": n_rows_matched,
+        "qrpo_num_ref_rewards_all_seeds": n_rows,
+        "runs": [{k: v for k, v in r.items() if k != "train"} | {"train_steps": r["train"]["steps"],
+                 "train_loss": r["train"]["train_loss"]} for r in runs],
+        "reference_runs": ref_runs,
+    }
+    (results_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (results_dir / "main_table.md").write_text(markdown_table(main_rows, reference))
+    _plots(results_dir, main_rows, reference, transform_rows, n_rows_matched, main_betas, cfg['sweep']['transforms'])
+    _examples(results_dir, work, runs, main_betas, qrpo_default, n_max)
+    return summary
+
+
+def _errorbar(ax, x, y, xerr, yerr, **kw):
+    ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=kw.pop("fmt", "o"), capsize=3, **kw)
+
+
+def _method_points(ax, rows, main_betas, xkey, ykey, with_seeds):
+    """One point per method and beta, bars = std over seeds; filled circles for each method's main beta."""
+    for r in rows:
+        main = r["beta"] == main_betas[r["method"]]
+        label = f"{LABELS[r['method']]} β={r['beta']:g}"
+        if with_seeds:
+            label += f" ({r['num_seeds']} seed{'s' if r['num_seeds'] > 1 else ''})"
+        _errorbar(
+            ax, [r[xkey]], [r[ykey]], [r[f"{xkey}_std"] or 0], [r[f"{ykey}_std"] or 0],
+            color=COLORS[r["method"]], fmt="o" if main else "s", markersize=8 if main else 6,
+            mfc=COLORS[r["method"]] if main else "white", label=label,
+        )
+
+
+def _plots(results_dir, main_rows, reference, transform_rows, n_rows, main_betas, sweep_transforms):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def ref_point(ax, xkey, ykey):
+        if reference:
+            x = 0.0 if xkey == "kl" else reference[xkey]
+            _errorbar(ax, [x], [reference[ykey]], [reference.get(f"{xkey}_std") or 0 if xkey != "kl" else 0],
+                      [reference.get(f"{ykey}_std") or 0], color="black", fmt="*", markersize=12, label="pi_ref")
+
+    # 1. reward against KL; 2. length against reward
+    for name, xkey, ykey, with_seeds, xlabel, ylabel, title in (
+        ("reward_vs_kl.png", "kl", "reward", True,
+         "KL(π‖π_ref): mean sequence log-ratio of the policy's own samples (nats)",
+         "mean VADER reward of fresh samples", "Reward against KL (held-out prompts; bars: std over seeds)"),
+        ("length_vs_reward.png", "reward", "length", False,
+         "mean VADER reward of fresh samples", "mean completion length (tokens)", "Length against reward"),
+    ):
+        fig, ax = plt.subplots(figsize=(6.4, 4.6))
+        ref_point(ax, xkey, ykey)
+        _method_points(ax, main_rows, main_betas, xkey, ykey, with_seeds=with_seeds)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        fig.savefig(results_dir / name, dpi=130)
+        plt.close(fig)
+
+    # 3. QRPO sweeps: transforms x beta (reward against KL), and the number of reference rewards
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    ax = axes[0]
+    ref_point(ax, "kl", "reward")
+    colors = {"identity": "tab:red", "log": "tab:orange", "normal-icdf": "tab:brown"}
+    for r in transform_rows:
+        first = r["beta"] == float(sweep_transforms.get(r["transform"], [r["beta"]])[0])
+        color = colors.get(r["transform"], "tab:gray")
+        _errorbar(ax, [r["kl"]], [r["reward"]], [r["kl_std"] or r.get("kl_stderr") or 0],
+                  [r["reward_std"] or r.get("reward_stderr") or 0], color=color, fmt="o" if first else "s",
+                  mfc=color if first else "white", label=f"{r['transform']} β={r['beta']:g} ({r['num_seeds']} seed{'s' if r['num_seeds'] > 1 else ''})")
+    ax.set_xlabel("KL(π‖π_ref) (nats)")
+    ax.set_ylabel("mean VADER reward")
+    ax.set_title("QRPO: transform and β")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    if n_rows:
+        ns = [r["num_ref_rewards"] for r in n_rows]
+        ax.errorbar(ns, [r["reward"] for r in n_rows], yerr=[r["reward_std"] or r.get("reward_stderr") or 0 for r in n_rows],
+                    fmt="o-", color="tab:red", capsize=3, label="QRPO reward")
+        if reference:
+            ax.axhline(reference["reward"], color="black", ls="--", lw=1, label="pi_ref reward")
+        ax.set_xscale("log")
+        ax.set_xticks(ns)
+        ax.set_xticklabels([str(n) for n in ns])
+        ax.set_xlabel("reference rewards per prompt used for the quantiles (n)")
+        ax.set_ylabel("mean VADER reward")
+        ax2 = ax.twinx()
+        ax2.plot(ns, [r["kl"] for r in n_rows], "s:", color="gray", label="KL")
+        ax2.set_ylabel("KL (nats)", color="gray")
+        lines = ax.get_legend_handles_labels()
+        lines2 = ax2.get_legend_handles_labels()
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="best")
+        ax.set_title(f"QRPO: number of reference rewards ({n_rows[0]['transform'] if 'transform' in n_rows[0] else 'identity'})")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(results_dir / "qrpo_sweeps.png", dpi=130)
+    plt.close(fig)
+
+
+def _examples(results_dir, work, runs, main_betas, qrpo_default, n_max, num_prompts=4):
+    """A few completions of each method (main beta, seed 0) next to pi_ref's, for the same prompts."""
+    prompts = json.loads((work / "prompts.json").read_text())["eval"]
+    sources = [("pi_ref", work / "eval" / "reference-s0" / "samples.jsonl")]
+    for r in runs:
+        if r["seed"] == 0 and r["beta"] == main_betas[r["method"]] and (
+            r["method"] != "qrpo" or (r["transform"] == qrpo_default and r["num_ref_rewards"] == n_max)
+        ):
+            sources.append((f"{LABELS[r['method']]} (β={r['beta']:g})", work / "runs" / r["id"] / "samples.jsonl"))
+    loaded = {}
+    for name, path in sources:
+        if path.exists():
+            loaded[name] = [json.loads(line) for line in open(path)]
+    lines = ["# Example completions (held-out prompts, seed 0, first sample; reward = VADER compound)\n"]
+    for i in range(min(num_prompts, len(prompts))):
+        lines.append(f"\n## {prompts[i]}\n")
+        for name, records in loaded.items():
+            rec = next((x for x in records if x["row_index"] == i and x["sample_index"] == 0), None)
+            if rec:
+                text = rec["completion"].replace("\n", " ").replace("|", "/")
+                lines.append(f"- **{name}** ({rec['reward']:+.2f}, {rec['num_tokens']} tokens): {text}")
+    (results_dir / "examples.md").write_text("\n".join(lines) + "\n")
