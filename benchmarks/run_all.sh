@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every benchmark with its defaults (53 minutes on the 2-core machine at load ~4; less when quiet), print each table.
+# Run every benchmark with its defaults (12 minutes on 2 idle cores; 2-6x longer when shared), print each table.
 # Results land in benchmarks/results/<name>.json and .png. Extra arguments go to every script (e.g. --smoke).
 # Measure on a quiet machine: the scripts record the load average they ran under, and other processes on the
 # CPU inflate and scatter the step times (see README.md).
