@@ -12,8 +12,6 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "experiments" / "run.py"
 
-pytest.importorskip("matplotlib")
-
 REWARD_MODULE = '''
 def letter_e(prompts, completions, **kwargs):
     """A deterministic pointwise reward that varies on the tiny model's gibberish: the share of the letter e."""
