@@ -82,7 +82,17 @@ def plain_loop(model, tokenizer, prompts, num_generations, max_new_tokens, batch
     return tokens, len(texts)
 
 
-def ours(model, tokenizer, prompts, num_generations, max_new_tokens, batch_size, seed, backend="transformers", vllm_kwargs=None):
+def ours(
+    model,
+    tokenizer,
+    prompts,
+    num_generations,
+    max_new_tokens,
+    batch_size,
+    seed,
+    backend="transformers",
+    vllm_kwargs=None,
+):
     from datasets import Dataset
 
     from trl_qrpo.reference import generate_references
@@ -106,7 +116,9 @@ def ours(model, tokenizer, prompts, num_generations, max_new_tokens, batch_size,
 def vllm_plain(llm, prompts, num_generations, max_new_tokens, seed):
     from vllm import SamplingParams
 
-    params = SamplingParams(n=num_generations, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=max_new_tokens, seed=seed)
+    params = SamplingParams(
+        n=num_generations, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=max_new_tokens, seed=seed
+    )
     outputs = llm.generate(prompts, params, use_tqdm=False)
     return sum(len(c.token_ids) for o in outputs for c in o.outputs), sum(len(o.outputs) for o in outputs)
 
@@ -117,7 +129,9 @@ def run_size(size: str, args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logging.getLogger("trl_qrpo").setLevel(logging.ERROR)  # random-init models rarely sample EOS: no truncation warning
+    logging.getLogger("trl_qrpo").setLevel(
+        logging.ERROR
+    )  # random-init models rarely sample EOS: no truncation warning
     path = common.model_dir(size)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
@@ -131,7 +145,10 @@ def run_size(size: str, args) -> dict:
         batch_size=args.batch_size,
         seed=0,
     )
-    methods = {"plain": lambda: plain_loop(model, tokenizer, **kwargs), "generate_refs": lambda: ours(model, tokenizer, **kwargs)}
+    methods = {
+        "plain": lambda: plain_loop(model, tokenizer, **kwargs),
+        "generate_refs": lambda: ours(model, tokenizer, **kwargs),
+    }
     # warm-up (first-call costs: lazy imports, allocator)
     small = dict(kwargs, prompts=prompts[:2], max_new_tokens=4)
     plain_loop(model, tokenizer, **small)
@@ -144,7 +161,9 @@ def run_size(size: str, args) -> dict:
             start = time.perf_counter()
             tokens, sequences = methods[name]()
             elapsed = time.perf_counter() - start
-            runs[name].append({"s": elapsed, "tokens": tokens, "sequences": sequences, "tokens_per_s": tokens / elapsed})
+            runs[name].append(
+                {"s": elapsed, "tokens": tokens, "sequences": sequences, "tokens_per_s": tokens / elapsed}
+            )
     del model
     gc.collect()
 
@@ -195,7 +214,14 @@ def run_vllm(path, tokenizer, prompts, args) -> dict:
     for _ in range(args.repeats):  # generate_references starts its own engine (its start-up is counted here)
         start = time.perf_counter()
         tokens, seqs = ours(
-            str(path), tokenizer, prompts, args.num_generations, args.max_new_tokens, args.batch_size, 0, "vllm",
+            str(path),
+            tokenizer,
+            prompts,
+            args.num_generations,
+            args.max_new_tokens,
+            args.batch_size,
+            0,
+            "vllm",
             {"gpu_memory_utilization": VLLM_MEMORY, "dtype": "float32"},
         )
         elapsed = time.perf_counter() - start
@@ -212,7 +238,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (both sides)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--backends", default="transformers,vllm", help="transformers[,vllm] (vllm rows need a GPU and vllm)")
+    p.add_argument(
+        "--backends", default="transformers,vllm", help="transformers[,vllm] (vllm rows need a GPU and vllm)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out-dir", default=None)
@@ -244,14 +272,24 @@ def main(argv=None):
                     "s": run.get("s"),
                     "tokens": run.get("tokens"),
                     "sequences": run.get("sequences"),
-                    "vs_plain": (run["tokens_per_s"] / r["runs"]["plain"]["tokens_per_s"]) if "tokens_per_s" in run else None,
+                    "vs_plain": (run["tokens_per_s"] / r["runs"]["plain"]["tokens_per_s"])
+                    if "tokens_per_s" in run
+                    else None,
                     "note": run.get("not_measured", ""),
                 }
             )
     common.print_table(
         rows,
-        [("size", "size"), ("method", "method"), ("tok_s", "generated tokens/s"), ("s", "seconds"),
-         ("tokens", "tokens"), ("sequences", "sequences"), ("vs_plain", "vs plain"), ("note", "note")],
+        [
+            ("size", "size"),
+            ("method", "method"),
+            ("tok_s", "generated tokens/s"),
+            ("s", "seconds"),
+            ("tokens", "tokens"),
+            ("sequences", "sequences"),
+            ("vs_plain", "vs plain"),
+            ("note", "note"),
+        ],
         title=f"Reference generation ({args.device}), {args.prompts} prompts x {args.num_generations}, "
         f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}",
     )
@@ -261,8 +299,12 @@ def main(argv=None):
         names = [n for n in results[0]["runs"] if "tokens_per_s" in results[0]["runs"][n]]
         width = 0.8 / max(1, len(names))
         for i, name in enumerate(names):
-            ax.bar([k + i * width for k in range(len(results))],
-                   [r["runs"][name].get("tokens_per_s", 0) for r in results], width, label=name)
+            ax.bar(
+                [k + i * width for k in range(len(results))],
+                [r["runs"][name].get("tokens_per_s", 0) for r in results],
+                width,
+                label=name,
+            )
         ax.set_xticks([k + 0.4 - width / 2 for k in range(len(results))], [r["size"] for r in results])
         ax.set_ylabel("generated tokens / s")
         ax.set_yscale("log")

@@ -203,7 +203,13 @@ def main(argv=None):
     math_results = []
     with common.LoadMonitor() as load:
         for case in args.cases.split(","):
-            spec = {"kind": "math", "case": case.strip(), "rows": args.rows, "refs": args.refs, "repeats": args.repeats}
+            spec = {
+                "kind": "math",
+                "case": case.strip(),
+                "rows": args.rows,
+                "refs": args.refs,
+                "repeats": args.repeats,
+            }
             math_results.append(common.run_worker(script, spec))
         dataset_result = None
         if args.dataset_rows:
@@ -212,7 +218,8 @@ def main(argv=None):
     rows = [
         {
             "case": r["case"],
-            "shape": f"{r['rows']:,} x {r['refs']}" + (f" (k={r['completions_per_row']})" if r["completions_per_row"] > 1 else ""),
+            "shape": f"{r['rows']:,} x {r['refs']}"
+            + (f" (k={r['completions_per_row']})" if r["completions_per_row"] > 1 else ""),
             "quantiles_s": r["quantiles_s"],
             "targets_s": r["targets_s"],
             "total_s": r["total_s"],
@@ -239,16 +246,44 @@ def main(argv=None):
     if dataset_result:
         d = dataset_result
         drows = [
-            {"step": "quantile_batch map", "rows": d["rows"], "s": d["quantile_map_s"], "rows_s": d["rows"] / d["quantile_map_s"]},
-            {"step": "target_batch map", "rows": d["rows"], "s": d["target_map_s"], "rows_s": d["rows"] / d["target_map_s"]},
-            {"step": "both maps", "rows": d["rows"], "s": d["maps_total_s"], "rows_s": d["rows_per_s"], "peak_mb": d["maps_peak_over_start_mb"]},
+            {
+                "step": "quantile_batch map",
+                "rows": d["rows"],
+                "s": d["quantile_map_s"],
+                "rows_s": d["rows"] / d["quantile_map_s"],
+            },
+            {
+                "step": "target_batch map",
+                "rows": d["rows"],
+                "s": d["target_map_s"],
+                "rows_s": d["rows"] / d["target_map_s"],
+            },
+            {
+                "step": "both maps",
+                "rows": d["rows"],
+                "s": d["maps_total_s"],
+                "rows_s": d["rows_per_s"],
+                "peak_mb": d["maps_peak_over_start_mb"],
+            },
         ]
         if "full_prepare_s" in d:
-            drows.append({"step": "whole _prepare_dataset (with tokenization)", "rows": d["full_prepare_rows"],
-                          "s": d["full_prepare_s"], "rows_s": d["full_prepare_rows_per_s"]})
+            drows.append(
+                {
+                    "step": "whole _prepare_dataset (with tokenization)",
+                    "rows": d["full_prepare_rows"],
+                    "s": d["full_prepare_s"],
+                    "rows_s": d["full_prepare_rows_per_s"],
+                }
+            )
         common.print_table(
             drows,
-            [("step", "step"), ("rows", "rows"), ("s", "seconds"), ("rows_s", "rows/s"), ("peak_mb", "peak MiB over start")],
+            [
+                ("step", "step"),
+                ("rows", "rows"),
+                ("s", "seconds"),
+                ("rows_s", "rows/s"),
+                ("peak_mb", "peak MiB over start"),
+            ],
             title=f"Target preparation through datasets (paired rows, {args.refs} reference rewards)",
         )
 
@@ -256,8 +291,12 @@ def main(argv=None):
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
         names = [r["case"] for r in math_results]
         axes[0].barh(names, [r["quantiles_s"] for r in math_results], label="quantile_rewards")
-        axes[0].barh(names, [r["targets_s"] for r in math_results], left=[r["quantiles_s"] for r in math_results],
-                     label="qrpo_targets")
+        axes[0].barh(
+            names,
+            [r["targets_s"] for r in math_results],
+            left=[r["quantiles_s"] for r in math_results],
+            label="qrpo_targets",
+        )
         axes[0].axvline(2.0, color="red", linestyle="--", label="target 2 s")
         axes[0].set_xlabel(f"seconds for {args.rows:,} x {args.refs}")
         axes[0].legend()

@@ -49,8 +49,15 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.smoke:
         p.set_defaults(  # smallest settings; flags given explicitly still win
-            sizes="tiny", batch_pairs=1, prompt_words=4, completion_words=8,
-            steps=2, warmup=1, e2e_steps=2, e2e_rounds=1, mem_steps=1,
+            sizes="tiny",
+            batch_pairs=1,
+            prompt_words=4,
+            completion_words=8,
+            steps=2,
+            warmup=1,
+            e2e_steps=2,
+            e2e_rounds=1,
+            mem_steps=1,
         )
         args = p.parse_args(argv)
     return args
@@ -192,10 +199,17 @@ def main(argv=None):
             "peak_target_met": None if "peak_over_start_ratio" not in ratio else ratio["peak_over_start_ratio"] <= 1.0,
         }
         verdicts.append(verdict)
-        print(f"{r['size']}: QRPO/DPO step time {verdict['time_ratio']:.3f} (target <= 1.03: "
-              f"{'met' if verdict['time_target_met'] else 'NOT met'})"
-              + ("" if verdict["peak_ratio"] is None else f", peak memory {verdict['peak_ratio']:.3f} (target <= 1.00: "
-                 f"{'met' if verdict['peak_target_met'] else 'NOT met'})"), flush=True)
+        print(
+            f"{r['size']}: QRPO/DPO step time {verdict['time_ratio']:.3f} (target <= 1.03: "
+            f"{'met' if verdict['time_target_met'] else 'NOT met'})"
+            + (
+                ""
+                if verdict["peak_ratio"] is None
+                else f", peak memory {verdict['peak_ratio']:.3f} (target <= 1.00: "
+                f"{'met' if verdict['peak_target_met'] else 'NOT met'})"
+            ),
+            flush=True,
+        )
     payload = {
         "benchmark": "train_step",
         "args": vars(args),

@@ -1,6 +1,6 @@
 """Print the measured tables of benchmarks/results/*.json as markdown (the tables in benchmarks/README.md).
 
-    python benchmarks/report.py [--results-dir benchmarks/results]
+python benchmarks/report.py [--results-dir benchmarks/results]
 """
 
 from __future__ import annotations
@@ -41,17 +41,31 @@ def train_step(payload: dict) -> None:
                     "ratio": f"{ratio['median_of_ratios']:.3f}" if ratio else "1",
                     "tok_s": s["tokens_per_s"],
                     "e2e": e2e.get("median"),
-                    "e2e_ratio": f"{ratio['end_to_end_ratio_of_medians']:.3f}" if ratio.get("end_to_end_ratio_of_medians") else ("1" if not ratio else "-"),
+                    "e2e_ratio": f"{ratio['end_to_end_ratio_of_medians']:.3f}"
+                    if ratio.get("end_to_end_ratio_of_medians")
+                    else ("1" if not ratio else "-"),
                     "peak": mem.get("peak_over_start_mb"),
                     "step_mb": mem.get("peak_over_setup_mb"),
-                    "mem_ratio": f"{ratio['peak_over_start_ratio']:.3f}" if ratio.get("peak_over_start_ratio") else ("1" if not ratio else "-"),
+                    "mem_ratio": f"{ratio['peak_over_start_ratio']:.3f}"
+                    if ratio.get("peak_over_start_ratio")
+                    else ("1" if not ratio else "-"),
                 }
             )
     common.print_table(
         rows,
-        [("size", "model"), ("variant", "variant"), ("batch", "batch"), ("step", "step s, median (IQR)"),
-         ("ratio", "time / DPO"), ("tok_s", "tokens/s"), ("e2e", "train() s/step"), ("e2e_ratio", "train() / DPO"),
-         ("peak", "peak MiB"), ("step_mb", "step MiB"), ("mem_ratio", "peak / DPO")],
+        [
+            ("size", "model"),
+            ("variant", "variant"),
+            ("batch", "batch"),
+            ("step", "step s, median (IQR)"),
+            ("ratio", "time / DPO"),
+            ("tok_s", "tokens/s"),
+            ("e2e", "train() s/step"),
+            ("e2e_ratio", "train() / DPO"),
+            ("peak", "peak MiB"),
+            ("step_mb", "step MiB"),
+            ("mem_ratio", "peak / DPO"),
+        ],
     )
 
 
@@ -60,9 +74,18 @@ def precompute(payload: dict) -> None:
     print(machine_line(payload))
     common.print_table(
         payload["table"],
-        [("size", "size"), ("variant", "variant"), ("step_s", "step s (median)"), ("vs_on_the_fly", "time / on the fly"),
-         ("tok_s", "tokens/s"), ("precompute_s", "precompute pass s"), ("precompute_ms_seq", "ms/seq"),
-         ("peak_mb", "peak MiB"), ("step_mb", "step MiB"), ("mem_vs", "peak / on the fly")],
+        [
+            ("size", "size"),
+            ("variant", "variant"),
+            ("step_s", "step s (median)"),
+            ("vs_on_the_fly", "time / on the fly"),
+            ("tok_s", "tokens/s"),
+            ("precompute_s", "precompute pass s"),
+            ("precompute_ms_seq", "ms/seq"),
+            ("peak_mb", "peak MiB"),
+            ("step_mb", "step MiB"),
+            ("mem_vs", "peak / on the fly"),
+        ],
     )
 
 
@@ -71,8 +94,16 @@ def targets(payload: dict) -> None:
     print(machine_line(payload))
     common.print_table(
         payload["table"],
-        [("case", "case"), ("shape", "rows x refs"), ("quantiles_s", "quantile_rewards s"), ("targets_s", "qrpo_targets s"),
-         ("total_s", "total s"), ("peak_mb", "peak MiB over inputs"), ("input_mb", "inputs MiB"), ("met", "< 2 s")],
+        [
+            ("case", "case"),
+            ("shape", "rows x refs"),
+            ("quantiles_s", "quantile_rewards s"),
+            ("targets_s", "qrpo_targets s"),
+            ("total_s", "total s"),
+            ("peak_mb", "peak MiB over inputs"),
+            ("input_mb", "inputs MiB"),
+            ("met", "< 2 s"),
+        ],
     )
     d = payload.get("dataset")
     if d:
@@ -82,11 +113,26 @@ def targets(payload: dict) -> None:
             {"step": "both maps", "rows": d["rows"], "s": d["maps_total_s"], "peak": d["maps_peak_over_start_mb"]},
         ]
         if "full_prepare_s" in d:
-            rows.append({"step": "whole _prepare_dataset (tokenization included)", "rows": d["full_prepare_rows"], "s": d["full_prepare_s"]})
+            rows.append(
+                {
+                    "step": "whole _prepare_dataset (tokenization included)",
+                    "rows": d["full_prepare_rows"],
+                    "s": d["full_prepare_s"],
+                }
+            )
         for row in rows:
             row["rows_s"] = row["rows"] / row["s"]
         print()
-        common.print_table(rows, [("step", "datasets path"), ("rows", "rows"), ("s", "seconds"), ("rows_s", "rows/s"), ("peak", "peak MiB")])
+        common.print_table(
+            rows,
+            [
+                ("step", "datasets path"),
+                ("rows", "rows"),
+                ("s", "seconds"),
+                ("rows_s", "rows/s"),
+                ("peak", "peak MiB"),
+            ],
+        )
 
 
 def generation(payload: dict) -> None:
@@ -98,8 +144,15 @@ def generation(payload: dict) -> None:
     print(machine_line(payload))
     common.print_table(
         payload["table"],
-        [("size", "size"), ("method", "method"), ("tok_s", "generated tokens/s"), ("s", "seconds"), ("tokens", "tokens"),
-         ("vs_plain", "vs plain"), ("note", "note")],
+        [
+            ("size", "size"),
+            ("method", "method"),
+            ("tok_s", "generated tokens/s"),
+            ("s", "seconds"),
+            ("tokens", "tokens"),
+            ("vs_plain", "vs plain"),
+            ("note", "note"),
+        ],
     )
 
 

@@ -95,12 +95,14 @@ def markdown_table(main_rows: list[dict], reference: dict | None) -> str:
     lines = []
     if reference:
         lines.append(
-            f"| pi_ref | – | {reference['num_seeds']} | {_fmt(reference['reward'], reference['reward_std'], signed=True)} "
+            f"| pi_ref | – | {reference['num_seeds']} "
+            f"| {_fmt(reference['reward'], reference['reward_std'], signed=True)} "
             f"| 0 | {_fmt(reference['length'], reference['length_std'], 1)} | – | – |"
         )
     for r in main_rows:
         lines.append(
-            f"| {LABELS[r['method']]} | {r['beta']:g} | {r['num_seeds']} | {_fmt(r['reward'], r['reward_std'], signed=True)} "
+            f"| {LABELS[r['method']]} | {r['beta']:g} | {r['num_seeds']} "
+            f"| {_fmt(r['reward'], r['reward_std'], signed=True)} "
             f"| {_fmt(r['kl'], r['kl_std'], 2)} | {_fmt(r['length'], r['length_std'], 1)} "
             f"| {_fmt(r['length_bias_own_samples'], r['length_bias_own_samples_std'], 2, True)} "
             f"| {_fmt(r['length_bias_reference_samples'], r['length_bias_reference_samples_std'], 2, True)} |"
@@ -121,8 +123,7 @@ def build_report(cfg: dict, work: Path, results_dir: Path) -> dict:
         reference = aggregate([dict(r, method="reference") for r in ref_runs], ("method",))[0]
     # Method comparison: every beta of every method (QRPO: default transform, all references)
     comparable = [
-        r for r in runs
-        if r["method"] != "qrpo" or (r["transform"] == qrpo_default and r["num_ref_rewards"] == n_max)
+        r for r in runs if r["method"] != "qrpo" or (r["transform"] == qrpo_default and r["num_ref_rewards"] == n_max)
     ]
     order = {m: i for i, m in enumerate(("qrpo", "dpo", "simpo", "rebel"))}
     main_rows = sorted(
@@ -146,7 +147,8 @@ def build_report(cfg: dict, work: Path, results_dir: Path) -> dict:
     n_rows_matched = sorted(
         aggregate(
             [
-                r for r in qrpo
+                r
+                for r in qrpo
                 if r["transform"] == qrpo_default and r["beta"] == main_betas["qrpo"] and r["seed"] in sweep_seeds
             ],
             ("num_ref_rewards",),
@@ -168,13 +170,16 @@ def build_report(cfg: dict, work: Path, results_dir: Path) -> dict:
         "qrpo_transforms": transform_rows,
         "qrpo_num_ref_rewards": n_rows_matched,
         "qrpo_num_ref_rewards_all_seeds": n_rows,
-        "runs": [{k: v for k, v in r.items() if k != "train"} | {"train_steps": r["train"]["steps"],
-                 "train_loss": r["train"]["train_loss"]} for r in runs],
+        "runs": [
+            {k: v for k, v in r.items() if k != "train"}
+            | {"train_steps": r["train"]["steps"], "train_loss": r["train"]["train_loss"]}
+            for r in runs
+        ],
         "reference_runs": ref_runs,
     }
     (results_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     (results_dir / "main_table.md").write_text(markdown_table(main_rows, reference))
-    _plots(results_dir, main_rows, reference, transform_rows, n_rows_matched, main_betas, cfg['sweep']['transforms'])
+    _plots(results_dir, main_rows, reference, transform_rows, n_rows_matched, main_betas, cfg["sweep"]["transforms"])
     _examples(results_dir, work, runs, main_betas, qrpo_default, n_max)
     return summary
 
@@ -191,9 +196,16 @@ def _method_points(ax, rows, main_betas, xkey, ykey, with_seeds):
         if with_seeds:
             label += f" ({r['num_seeds']} seed{'s' if r['num_seeds'] > 1 else ''})"
         _errorbar(
-            ax, [r[xkey]], [r[ykey]], [r[f"{xkey}_std"] or 0], [r[f"{ykey}_std"] or 0],
-            color=COLORS[r["method"]], fmt="o" if main else "s", markersize=8 if main else 6,
-            mfc=COLORS[r["method"]] if main else "white", label=label,
+            ax,
+            [r[xkey]],
+            [r[ykey]],
+            [r[f"{xkey}_std"] or 0],
+            [r[f"{ykey}_std"] or 0],
+            color=COLORS[r["method"]],
+            fmt="o" if main else "s",
+            markersize=8 if main else 6,
+            mfc=COLORS[r["method"]] if main else "white",
+            label=label,
         )
 
 
@@ -206,16 +218,38 @@ def _plots(results_dir, main_rows, reference, transform_rows, n_rows, main_betas
     def ref_point(ax, xkey, ykey):
         if reference:
             x = 0.0 if xkey == "kl" else reference[xkey]
-            _errorbar(ax, [x], [reference[ykey]], [reference.get(f"{xkey}_std") or 0 if xkey != "kl" else 0],
-                      [reference.get(f"{ykey}_std") or 0], color="black", fmt="*", markersize=12, label="pi_ref")
+            _errorbar(
+                ax,
+                [x],
+                [reference[ykey]],
+                [reference.get(f"{xkey}_std") or 0 if xkey != "kl" else 0],
+                [reference.get(f"{ykey}_std") or 0],
+                color="black",
+                fmt="*",
+                markersize=12,
+                label="pi_ref",
+            )
 
     # 1. reward against KL; 2. length against reward
     for name, xkey, ykey, with_seeds, xlabel, ylabel, title in (
-        ("reward_vs_kl.png", "kl", "reward", True,
-         "KL(π‖π_ref): mean sequence log-ratio of the policy's own samples (nats)",
-         "mean VADER reward of fresh samples", "Reward against KL (held-out prompts; bars: std over seeds)"),
-        ("length_vs_reward.png", "reward", "length", False,
-         "mean VADER reward of fresh samples", "mean completion length (tokens)", "Length against reward"),
+        (
+            "reward_vs_kl.png",
+            "kl",
+            "reward",
+            True,
+            "KL(π‖π_ref): mean sequence log-ratio of the policy's own samples (nats)",
+            "mean VADER reward of fresh samples",
+            "Reward against KL (held-out prompts; bars: std over seeds)",
+        ),
+        (
+            "length_vs_reward.png",
+            "reward",
+            "length",
+            False,
+            "mean VADER reward of fresh samples",
+            "mean completion length (tokens)",
+            "Length against reward",
+        ),
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.6))
         ref_point(ax, xkey, ykey)
@@ -237,9 +271,17 @@ def _plots(results_dir, main_rows, reference, transform_rows, n_rows, main_betas
     for r in transform_rows:
         first = r["beta"] == float(sweep_transforms.get(r["transform"], [r["beta"]])[0])
         color = colors.get(r["transform"], "tab:gray")
-        _errorbar(ax, [r["kl"]], [r["reward"]], [r["kl_std"] or r.get("kl_stderr") or 0],
-                  [r["reward_std"] or r.get("reward_stderr") or 0], color=color, fmt="o" if first else "s",
-                  mfc=color if first else "white", label=f"{r['transform']} β={r['beta']:g} ({r['num_seeds']} seed{'s' if r['num_seeds'] > 1 else ''})")
+        _errorbar(
+            ax,
+            [r["kl"]],
+            [r["reward"]],
+            [r["kl_std"] or r.get("kl_stderr") or 0],
+            [r["reward_std"] or r.get("reward_stderr") or 0],
+            color=color,
+            fmt="o" if first else "s",
+            mfc=color if first else "white",
+            label=f"{r['transform']} β={r['beta']:g} ({r['num_seeds']} seed{'s' if r['num_seeds'] > 1 else ''})",
+        )
     ax.set_xlabel("KL(π‖π_ref) (nats)")
     ax.set_ylabel("mean VADER reward")
     ax.set_title("QRPO: transform and β")
@@ -248,8 +290,15 @@ def _plots(results_dir, main_rows, reference, transform_rows, n_rows, main_betas
     ax = axes[1]
     if n_rows:
         ns = [r["num_ref_rewards"] for r in n_rows]
-        ax.errorbar(ns, [r["reward"] for r in n_rows], yerr=[r["reward_std"] or r.get("reward_stderr") or 0 for r in n_rows],
-                    fmt="o-", color="tab:red", capsize=3, label="QRPO reward")
+        ax.errorbar(
+            ns,
+            [r["reward"] for r in n_rows],
+            yerr=[r["reward_std"] or r.get("reward_stderr") or 0 for r in n_rows],
+            fmt="o-",
+            color="tab:red",
+            capsize=3,
+            label="QRPO reward",
+        )
         if reference:
             ax.axhline(reference["reward"], color="black", ls="--", lw=1, label="pi_ref reward")
         ax.set_xscale("log")
@@ -263,7 +312,9 @@ def _plots(results_dir, main_rows, reference, transform_rows, n_rows, main_betas
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="best")
-        ax.set_title(f"QRPO: number of reference rewards ({n_rows[0]['transform'] if 'transform' in n_rows[0] else 'identity'})")
+        ax.set_title(
+            f"QRPO: number of reference rewards ({n_rows[0]['transform'] if 'transform' in n_rows[0] else 'identity'})"
+        )
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(results_dir / "qrpo_sweeps.png", dpi=130)
@@ -275,8 +326,10 @@ def _examples(results_dir, work, runs, main_betas, qrpo_default, n_max, num_prom
     prompts = json.loads((work / "prompts.json").read_text())["eval"]
     sources = [("pi_ref", work / "eval" / "reference-s0" / "samples.jsonl")]
     for r in runs:
-        if r["seed"] == 0 and r["beta"] == main_betas[r["method"]] and (
-            r["method"] != "qrpo" or (r["transform"] == qrpo_default and r["num_ref_rewards"] == n_max)
+        if (
+            r["seed"] == 0
+            and r["beta"] == main_betas[r["method"]]
+            and (r["method"] != "qrpo" or (r["transform"] == qrpo_default and r["num_ref_rewards"] == n_max))
         ):
             sources.append((f"{LABELS[r['method']]} (β={r['beta']:g})", work / "runs" / r["id"] / "samples.jsonl"))
     loaded = {}

@@ -3,6 +3,7 @@
 
     python experiments/run.py --config experiments/config.yaml            # everything (~80 min on 2 idle cores)
     python experiments/run.py --config experiments/config.yaml --quick    # the same pipeline, small (~9 min)
+    python experiments/run.py --config experiments/config.yaml --comparison   # the 4 methods x 3 seeds only
 
 Stages (each resumes: finished work in `work_dir` is skipped, so a killed run continues when started again):
 
@@ -73,12 +74,15 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_config(path: str, quick: bool, overrides: list[str]) -> dict:
+PROFILES = ("quick", "comparison")  # top-level sections of the config that override the rest when chosen
+
+
+def load_config(path: str, profile: str | None, overrides: list[str]) -> dict:
     with open(path) as f:
         cfg = yaml.safe_load(f)
-    quick_cfg = cfg.pop("quick", {})
-    if quick:
-        cfg = deep_merge(cfg, quick_cfg)
+    profiles = {name: cfg.pop(name, {}) for name in PROFILES}
+    if profile:
+        cfg = deep_merge(cfg, profiles[profile])
     for item in overrides:  # --set train.epochs=1
         key, value = item.split("=", 1)
         node = cfg
@@ -182,7 +186,10 @@ def stage_score(cfg: dict, work: Path, refs):
     from trl_qrpo.reference import score_dataset
 
     return score_dataset(
-        refs, reward_funcs=[load_reward(cfg["reward"])], output_dir=str(work / "scored"), chunk_size=cfg["references"]["chunk_size"]
+        refs,
+        reward_funcs=[load_reward(cfg["reward"])],
+        output_dir=str(work / "scored"),
+        chunk_size=cfg["references"]["chunk_size"],
     )
 
 
@@ -390,15 +397,24 @@ def train_policy(spec: dict, cfg: dict, pairs, model_path: str, out_dir: Path):
     if method in ("qrpo", "rebel"):
         from trl_qrpo import QRPOConfig, QRPOTrainer
 
-        extra = {"loss_type": ["rebel"]} if method == "rebel" else {
-            "transform": spec["transform"],
-            "num_ref_rewards": spec["num_ref_rewards"],
-            "ties": spec["ties"],
-        }
-        args = QRPOConfig(beta=spec["beta"], precompute_ref_log_probs=True, precompute_ref_batch_size=16, **extra, **common)
+        extra = (
+            {"loss_type": ["rebel"]}
+            if method == "rebel"
+            else {
+                "transform": spec["transform"],
+                "num_ref_rewards": spec["num_ref_rewards"],
+                "ties": spec["ties"],
+            }
+        )
+        args = QRPOConfig(
+            beta=spec["beta"], precompute_ref_log_probs=True, precompute_ref_batch_size=16, **extra, **common
+        )
         columns = paired_columns + ["chosen_reward", "rejected_reward", "ref_rewards"]
         trainer = QRPOTrainer(
-            model=model, args=args, train_dataset=pairs.select_columns(columns), processing_class=tokenizer,
+            model=model,
+            args=args,
+            train_dataset=pairs.select_columns(columns),
+            processing_class=tokenizer,
             peft_config=peft_config,
         )
     elif method == "dpo":
@@ -406,7 +422,10 @@ def train_policy(spec: dict, cfg: dict, pairs, model_path: str, out_dir: Path):
 
         args = DPOConfig(beta=spec["beta"], precompute_ref_log_probs=True, precompute_ref_batch_size=16, **common)
         trainer = DPOTrainer(
-            model=model, args=args, train_dataset=pairs.select_columns(paired_columns), processing_class=tokenizer,
+            model=model,
+            args=args,
+            train_dataset=pairs.select_columns(paired_columns),
+            processing_class=tokenizer,
             peft_config=peft_config,
         )
     elif method == "simpo":
@@ -414,7 +433,10 @@ def train_policy(spec: dict, cfg: dict, pairs, model_path: str, out_dir: Path):
 
         args = CPOConfig(loss_type="simpo", beta=spec["beta"], simpo_gamma=spec["gamma"], cpo_alpha=0.0, **common)
         trainer = CPOTrainer(
-            model=model, args=args, train_dataset=pairs.select_columns(paired_columns), processing_class=tokenizer,
+            model=model,
+            args=args,
+            train_dataset=pairs.select_columns(paired_columns),
+            processing_class=tokenizer,
             peft_config=peft_config,
         )
     else:
@@ -456,7 +478,9 @@ def spearman(x, y) -> float | None:
 
     from trl_qrpo.metrics import spearman_correlation
 
-    return spearman_correlation(torch.as_tensor(np.asarray(x, dtype=np.float64)), torch.as_tensor(np.asarray(y, dtype=np.float64)))
+    return spearman_correlation(
+        torch.as_tensor(np.asarray(x, dtype=np.float64)), torch.as_tensor(np.asarray(y, dtype=np.float64))
+    )
 
 
 def sample_records(samples) -> list[dict]:
@@ -525,7 +549,10 @@ def stage_reference_eval(cfg: dict, work: Path, eval_ds, ref_model, tokenizer) -
         write_samples(out / "samples.jsonl", records)
         summary = summarize_run(records, None)
         summary["kl"] = 0.0
-        write_json(out / "result.json", {"method": "reference", "seed": seed, "eval": summary, "eval_seconds": time.time() - start})
+        write_json(
+            out / "result.json",
+            {"method": "reference", "seed": seed, "eval": summary, "eval_seconds": time.time() - start},
+        )
 
 
 def stage_runs(cfg: dict, work: Path, pairs, eval_ds, model_path: str, ref_model, tokenizer, only: set | None) -> None:
@@ -593,12 +620,18 @@ def stage_runs(cfg: dict, work: Path, pairs, eval_ds, model_path: str, ref_model
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(HERE / "config.yaml"))
-    parser.add_argument("--quick", action="store_true", help="tiny version of the whole pipeline (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="small version of the whole pipeline (smoke test)")
+    parser.add_argument(
+        "--comparison",
+        action="store_true",
+        help="the method comparison alone, with 16 references per prompt (about 30 minutes on 2 idle cores)",
+    )
     parser.add_argument("--model", default=None, help="override the config's model (a folder, or 'smollm2')")
     parser.add_argument("--work_dir", default=None, help="override the config's work_dir")
     parser.add_argument("--results_dir", default=None, help="override the config's results_dir")
     parser.add_argument(
-        "--only", default=None,
+        "--only",
+        default=None,
         help="comma-separated run groups to do now (of the config's `groups`): main, qrpo_beta, num_ref_rewards, "
         "transform, baseline_beta",
     )
@@ -607,7 +640,10 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], help="override a config entry, e.g. train.epochs=1")
     args = parser.parse_args(argv)
 
-    cfg = load_config(args.config, args.quick, args.set)
+    if args.quick and args.comparison:
+        parser.error("--quick and --comparison are two profiles; choose one.")
+    profile = "quick" if args.quick else "comparison" if args.comparison else None
+    cfg = load_config(args.config, profile, args.set)
     for key in ("model", "work_dir", "results_dir"):
         if getattr(args, key):
             cfg[key] = getattr(args, key) if key == "model" else str(Path(getattr(args, key)).resolve())
@@ -637,7 +673,7 @@ def main(argv=None) -> int:
         return result
 
     wall = time.time()
-    log(f"config {args.config}{' (--quick)' if args.quick else ''}; work_dir {work}")
+    log(f"config {args.config}{f' (--{profile})' if profile else ''}; work_dir {work}")
     model_path = timed("model", resolve_model, cfg["model"])
     train, eval_ds = timed("split", stage_split, cfg, work)
     log(f"{len(train)} train prompts, {len(eval_ds)} eval prompts; model {model_path}")

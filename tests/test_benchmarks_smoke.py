@@ -45,7 +45,9 @@ def test_bench_train_step(tmp_path, bench_env):
     result = payload["results"][0]
     assert set(result["step"]) == {"dpo", "qrpo", "qrpo_pw"}
     assert {"median", "tokens_per_s", "completion_tokens_per_s"} <= set(result["step"]["qrpo"])
-    assert {"median_of_ratios", "peak_over_start_ratio", "end_to_end_ratio_of_medians"} <= set(result["ratios"]["qrpo/dpo"])
+    assert {"median_of_ratios", "peak_over_start_ratio", "end_to_end_ratio_of_medians"} <= set(
+        result["ratios"]["qrpo/dpo"]
+    )
     assert {"peak_over_start_mb", "peak_over_setup_mb"} <= set(result["memory"]["qrpo"])
     assert "time / DPO" in stdout
 

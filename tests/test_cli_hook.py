@@ -245,7 +245,9 @@ def test_pip_install_into_a_fresh_venv_gives_trl_qrpo_and_uninstall_removes_it(b
     install = subprocess.run(
         # --ignore-installed: the environment running the tests may hold trl-qrpo itself (CI installs the wheel), and
         # pip would see it through the path entry above and call the requirement already satisfied.
-        [*pip, "install", "--no-deps", "--no-index", "--ignore-installed", str(regular)], capture_output=True, text=True
+        [*pip, "install", "--no-deps", "--no-index", "--ignore-installed", str(regular)],
+        capture_output=True,
+        text=True,
     )
     assert install.returncode == 0, install.stderr
     assert (site_packages / PTH_NAME).is_file() and (venv / "bin" / "trl-qrpo").is_file()

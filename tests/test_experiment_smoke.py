@@ -35,12 +35,18 @@ def test_experiment_pipeline_quick(tiny_model_dir, tmp_path, monkeypatch):
     work, results = tmp_path / "work", tmp_path / "results"
     argv = [
         "--quick",
-        "--model", str(tiny_model_dir),
-        "--work_dir", str(work),
-        "--results_dir", str(results),
-        "--set", "reward=smoke_reward_e:letter_e",
-        "--set", "sweep.transforms={log: [0.1]}",
-        "--set", "sweep.num_ref_rewards=[1]",
+        "--model",
+        str(tiny_model_dir),
+        "--work_dir",
+        str(work),
+        "--results_dir",
+        str(results),
+        "--set",
+        "reward=smoke_reward_e:letter_e",
+        "--set",
+        "sweep.transforms={log: [0.1]}",
+        "--set",
+        "sweep.num_ref_rewards=[1]",
     ]
     assert run.main(argv) == 0
 
@@ -65,4 +71,21 @@ def test_experiment_pipeline_quick(tiny_model_dir, tmp_path, monkeypatch):
     stamps = {p: p.stat().st_mtime_ns for p in (work / "runs").glob("*/result.json")}
     assert run.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in (work / "runs").glob("*/result.json")} == stamps
+    sys.modules.pop("experiment_run", None)
+
+
+def test_comparison_profile_is_the_main_group_with_fewer_references():
+    run = _load_run_module()
+    config = str(REPO / "experiments" / "config.yaml")
+    full, comparison = run.load_config(config, None, []), run.load_config(config, "comparison", [])
+    assert comparison["groups"] == ["main"] and full["groups"][0] == "main" and len(full["groups"]) > 1
+    assert comparison["references"]["num_ref_rewards"] < full["references"]["num_ref_rewards"]
+    assert comparison["references"]["num_candidates"] == full["references"]["num_candidates"]
+    assert comparison["work_dir"] != full["work_dir"] and comparison["results_dir"] != full["results_dir"]
+    specs = run.run_specs(comparison)
+    assert len(specs) == len(run.METHODS) * len(comparison["eval"]["seeds"])
+    n = comparison["references"]["num_ref_rewards"]
+    assert all(s["num_ref_rewards"] == n for s in specs if s["method"] == "qrpo")
+    with pytest.raises(SystemExit):
+        run.main(["--quick", "--comparison", "--report_only"])
     sys.modules.pop("experiment_run", None)

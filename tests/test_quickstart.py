@@ -180,6 +180,7 @@ def test_quickstart_raises_the_reward_of_the_policys_own_samples(tmp_path):
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert "is up to date" in again.stdout and "already complete" in again.stderr
     assert "references per prompt" not in again.stderr and "Training completed" not in again.stdout
-    assert again.stdout.split("==> [")[-1].split("\n", 1)[1].split("\nDone in")[0] == (
-        result.stdout.split("==> [")[-1].split("\n", 1)[1].split("\nDone in")[0]
+    assert (
+        again.stdout.split("==> [")[-1].split("\n", 1)[1].split("\nDone in")[0]
+        == (result.stdout.split("==> [")[-1].split("\n", 1)[1].split("\nDone in")[0])
     ), "the same comparison"

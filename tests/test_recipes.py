@@ -268,21 +268,44 @@ def test_precomputation_as_the_paper_recipes_run_it_feeds_their_data_settings(tm
         R = tmp_path / run
         for split, n in (("train", 4), ("test", 2)):
             _paired_source(n).to_parquet(str(R / f"pairs-{split}.parquet"))
-            assert SUBCOMMANDS["generate"](
-                ["--dataset_name", str(R / f"pairs-{split}.parquet"), *tiny, "--output_dir", str(R / f"refs-{split}")],
-                "trl qrpo generate",
-            ) == 0
+            assert (
+                SUBCOMMANDS["generate"](
+                    [
+                        "--dataset_name",
+                        str(R / f"pairs-{split}.parquet"),
+                        *tiny,
+                        "--output_dir",
+                        str(R / f"refs-{split}"),
+                    ],
+                    "trl qrpo generate",
+                )
+                == 0
+            )
             export = ["--output_file", str(R / "ref-rewards" / f"{split}.parquet")]
             score = ["--dataset_name", str(R / f"refs-{split}"), "--reward_funcs", sys_path_reward]
-            assert SUBCOMMANDS["score"](
-                [*score, "--output_dir", str(R / f"scored-{split}"), *([] if offpolicy else export)], "trl qrpo score"
-            ) == 0
+            assert (
+                SUBCOMMANDS["score"](
+                    [*score, "--output_dir", str(R / f"scored-{split}"), *([] if offpolicy else export)],
+                    "trl qrpo score",
+                )
+                == 0
+            )
             if offpolicy:
-                assert SUBCOMMANDS["build-offpolicy"](
-                    ["--dataset_name", str(R / f"scored-{split}"), "--mode", "random_pairs", "--num_candidates", "3"]
-                    + ["--output_dir", str(R / f"pairs-out-{split}"), *export],
-                    "trl qrpo build-offpolicy",
-                ) == 0
+                assert (
+                    SUBCOMMANDS["build-offpolicy"](
+                        [
+                            "--dataset_name",
+                            str(R / f"scored-{split}"),
+                            "--mode",
+                            "random_pairs",
+                            "--num_candidates",
+                            "3",
+                        ]
+                        + ["--output_dir", str(R / f"pairs-out-{split}"), *export],
+                        "trl qrpo build-offpolicy",
+                    )
+                    == 0
+                )
         data = load_dataset_by_name(str(R / "ref-rewards"), train_split="train")
         assert set(data) == {"train", "test"} and (len(data["train"]), len(data["test"])) == (4, 2)
         columns = data["train"].column_names

@@ -91,7 +91,8 @@ def test_loss_mse_mae_and_length_normalisation():
     assert torch.allclose(qrpo_loss(logratios, targets, beta, loss_type="mae"), residual.abs())
     lengths = torch.tensor([2, 4, 8])
     assert torch.allclose(
-        qrpo_loss(logratios, targets, beta, completion_lengths=lengths, normalize_by_length=True), residual**2 / lengths
+        qrpo_loss(logratios, targets, beta, completion_lengths=lengths, normalize_by_length=True),
+        residual**2 / lengths,
     )
     with pytest.raises(ValueError, match="loss_type"):
         qrpo_loss(logratios, targets, beta, loss_type="sigmoid")

@@ -25,7 +25,9 @@ def make_rows(n=8, seed=0, conversational=True, paired=True, num_refs=5):
 
     rows = []
     for i in range(n):
-        prompt = [{"role": "user", "content": f"Tell me {text(2)} {i}"}] if conversational else f"Tell me {text(2)} {i}:"
+        prompt = (
+            [{"role": "user", "content": f"Tell me {text(2)} {i}"}] if conversational else f"Tell me {text(2)} {i}:"
+        )
         row = {"prompt": prompt, "ref_rewards": [rng.gauss(0, 1) for _ in range(num_refs)]}
         if paired:
             row.update(
@@ -154,7 +156,9 @@ def test_dpo_documentation_script_with_two_names_swapped(tiny_model_dir, tmp_pat
 
 
 def test_metrics_are_logged_under_stable_names(tiny_model_dir, tmp_path):
-    trainer = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path, max_steps=3), train_dataset=as_dataset(make_rows(8)))
+    trainer = QRPOTrainer(
+        model=str(tiny_model_dir), args=config(tmp_path, max_steps=3), train_dataset=as_dataset(make_rows(8))
+    )
     trainer.train()
     logged = trainer.state.log_history[1]
     for name in [
@@ -193,13 +197,18 @@ def test_plain_text_pointwise_data_trains_and_eval_is_prepared_once(tiny_model_d
     trainer.train()
     metrics = trainer.evaluate(as_dataset(make_rows(3, seed=2, conversational=False, paired=False)))
     assert "eval_loss" in metrics and "eval_target/mean" in metrics
-    assert trainer._prepare_dataset(trainer.train_dataset, trainer.processing_class, trainer.args, "x") is trainer.train_dataset
+    assert (
+        trainer._prepare_dataset(trainer.train_dataset, trainer.processing_class, trainer.args, "x")
+        is trainer.train_dataset
+    )
 
 
 @pytest.mark.parametrize("selector,k", [("both", 2), ("chosen", 1), ("rejected", 1), ("random", 1)])
 def test_sample_selector(tiny_model_dir, tmp_path, selector, k):
     rows = make_rows(10)
-    trainer = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path, sample_selector=selector), train_dataset=as_dataset(rows))
+    trainer = QRPOTrainer(
+        model=str(tiny_model_dir), args=config(tmp_path, sample_selector=selector), train_dataset=as_dataset(rows)
+    )
     rewards = trainer.train_dataset["reward"]
     assert all(len(r) == k for r in rewards)
     if selector == "chosen":
@@ -207,7 +216,9 @@ def test_sample_selector(tiny_model_dir, tmp_path, selector, k):
     if selector == "random":
         kept_chosen = [r[0] == row["chosen_reward"] for r, row in zip(rewards, rows)]
         assert any(kept_chosen) and not all(kept_chosen)
-        again = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path, sample_selector=selector), train_dataset=as_dataset(rows))
+        again = QRPOTrainer(
+            model=str(tiny_model_dir), args=config(tmp_path, sample_selector=selector), train_dataset=as_dataset(rows)
+        )
         assert again.train_dataset["reward"] == rewards  # seeded
     trainer.train()
 
@@ -232,7 +243,9 @@ def test_precomputed_quantiles_aliases_and_num_ref_rewards(tiny_model_dir, tmp_p
     expected = quantile_rewards(
         torch.tensor([r["reward"] for r in rows]), torch.tensor([r["ref_rewards"][:2] for r in rows])
     )
-    assert torch.allclose(torch.tensor([q[0] for q in trainer.train_dataset["quantile"]], dtype=torch.float64), expected)
+    assert torch.allclose(
+        torch.tensor([q[0] for q in trainer.train_dataset["quantile"]], dtype=torch.float64), expected
+    )
 
 
 def test_self_inclusion_leave_one_out_and_discrete_support(tiny_model_dir, tmp_path):
@@ -246,7 +259,9 @@ def test_self_inclusion_leave_one_out_and_discrete_support(tiny_model_dir, tmp_p
     refs = torch.tensor([r["ref_rewards"] for r in rows], dtype=torch.float64)
     others = torch.cat([refs[:, :2], refs[:, 3:]], dim=1)
     expected_q = quantile_rewards(refs[:, 2], others)
-    assert torch.allclose(torch.tensor([q[0] for q in trainer.train_dataset["quantile"]], dtype=torch.float64), expected_q)
+    assert torch.allclose(
+        torch.tensor([q[0] for q in trainer.train_dataset["quantile"]], dtype=torch.float64), expected_q
+    )
     identity = get_transform("identity")
     expected_log_z = identity.discrete_log_partition(0.1, 4, includes_self=False)
     assert trainer.train_dataset["beta_log_z"][0][0] == pytest.approx(0.1 * expected_log_z)
@@ -284,7 +299,10 @@ def test_scaled_normal_icdf_uses_per_prompt_scales(tiny_model_dir, tmp_path):
     )
     refs = torch.tensor([r["ref_rewards"] for r in rows], dtype=torch.float64)
     sigma = ScaledNormalICDF.from_ref_rewards(refs).sigma
-    assert torch.allclose(torch.tensor([b[0] for b in trainer.train_dataset["beta_log_z"]], dtype=torch.float64), 0.5 * sigma**2 / (2 * 0.25))
+    assert torch.allclose(
+        torch.tensor([b[0] for b in trainer.train_dataset["beta_log_z"]], dtype=torch.float64),
+        0.5 * sigma**2 / (2 * 0.25),
+    )
     trainer.train()
 
 
@@ -303,7 +321,9 @@ def test_bad_input_raises_before_training_with_column_row_and_fix(tiny_model_dir
     rows = make_rows(6)
     mutate(rows[3])
     with pytest.raises(ValueError) as excinfo:
-        QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path, num_ref_rewards=3), train_dataset=as_dataset(rows))
+        QRPOTrainer(
+            model=str(tiny_model_dir), args=config(tmp_path, num_ref_rewards=3), train_dataset=as_dataset(rows)
+        )
     text = str(excinfo.value)
     assert f"Column '{column}'" in text and "row 3" in text and message in text
 
@@ -339,7 +359,11 @@ def test_dpo_config_is_refused_with_a_fix(tiny_model_dir, tmp_path):
     from trl import DPOConfig
 
     with pytest.raises(TypeError, match="QRPOConfig"):
-        QRPOTrainer(model=str(tiny_model_dir), args=DPOConfig(str(tmp_path), bf16=False), train_dataset=as_dataset(make_rows(2)))
+        QRPOTrainer(
+            model=str(tiny_model_dir),
+            args=DPOConfig(str(tmp_path), bf16=False),
+            train_dataset=as_dataset(make_rows(2)),
+        )
 
 
 def test_model_card_names_qrpo_and_cites_the_paper(tiny_model_dir, tmp_path):
@@ -405,7 +429,9 @@ def test_rebel_baseline_on_paired_data(tiny_model_dir, tmp_path):
     from trl_qrpo import rebel_loss
 
     rows = make_rows(4)
-    trainer = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path, loss_type="rebel"), train_dataset=as_dataset(rows))
+    trainer = QRPOTrainer(
+        model=str(tiny_model_dir), args=config(tmp_path, loss_type="rebel"), train_dataset=as_dataset(rows)
+    )
     torch.manual_seed(0)
     with torch.no_grad():
         for p in trainer.model.parameters():
@@ -415,7 +441,11 @@ def test_rebel_baseline_on_paired_data(tiny_model_dir, tmp_path):
         logps, ref_logps, _ = trainer.sequence_log_probs(trainer.model, batch)
     lr = logps - ref_logps
     expected = rebel_loss(
-        lr[:4], lr[4:], torch.tensor([r["chosen_reward"] for r in rows]), torch.tensor([r["rejected_reward"] for r in rows]), 0.1
+        lr[:4],
+        lr[4:],
+        torch.tensor([r["chosen_reward"] for r in rows]),
+        torch.tensor([r["rejected_reward"] for r in rows]),
+        0.1,
     ).mean()
     assert loss == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(ValueError, match="sample_selector='both'"):

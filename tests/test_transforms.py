@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from trl_qrpo import get_transform, register_transform
-from trl_qrpo.transforms import CallableTransform, ScaledNormalICDF, Transform, list_transforms, quadrature_log_partition
+from trl_qrpo.transforms import (
+    CallableTransform,
+    ScaledNormalICDF,
+    Transform,
+    list_transforms,
+    quadrature_log_partition,
+)
 
 mpmath.mp.dps = 40
 BETAS = [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
@@ -35,7 +41,9 @@ def mp_log_z_normal(mu, sigma, beta):
     peak = sigma / beta  # exp(sigma z / beta - z^2 / 2) peaks at z = sigma / beta
 
     def g(z):
-        return mpmath.exp(sigma * z / beta - z**2 / 2 - (sigma * peak / beta - peak**2 / 2)) / mpmath.sqrt(2 * mpmath.pi)
+        return mpmath.exp(sigma * z / beta - z**2 / 2 - (sigma * peak / beta - peak**2 / 2)) / mpmath.sqrt(
+            2 * mpmath.pi
+        )
 
     integral = mpmath.quad(g, [-mpmath.inf, peak - 10, peak, peak + 10, mpmath.inf])
     return float(mu / beta + (sigma * peak / beta - peak**2 / 2) + mpmath.log(integral))

@@ -73,16 +73,16 @@ class QRPOConfig(DPOConfig):
     beta: float = field(
         default=1e-3,
         metadata={
-            "help": "KL coefficient. Default 1e-3: the middle of the authors' sweep {3e-4, 1e-3, 3e-3} for the identity "
-            "transform on chat data; `beta * logratio` is regressed onto targets spanning about 1, so the policy may "
-            "move about 1/beta nats."
+            "help": "KL coefficient. Default 1e-3: the middle of the authors' sweep {3e-4, 1e-3, 3e-3} for the "
+            "identity transform on chat data; `beta * logratio` is regressed onto targets spanning about 1, so the "
+            "policy may move about 1/beta nats."
         },
     )
     loss_type: list[str] = field(
         default_factory=lambda: ["mse"],
         metadata={
-            "help": "QRPO regression loss: `'mse'` (the paper's) or `'mae'`; or the pairwise baseline `'rebel'` (paired "
-            "data, both sides), for comparisons."
+            "help": "QRPO regression loss: `'mse'` (the paper's) or `'mae'`; or the pairwise baseline `'rebel'` "
+            "(paired data, both sides), for comparisons."
         },
     )
     transform: str = field(
@@ -95,7 +95,7 @@ class QRPOConfig(DPOConfig):
     )
     transform_kwargs: dict[str, Any] | str | None = field(
         default=None,
-        metadata={"help": "Parameters of the transform, e.g. '{\"mu\": 0.0, \"sigma\": 2.0}' for affine-normal-icdf."},
+        metadata={"help": 'Parameters of the transform, e.g. \'{"mu": 0.0, "sigma": 2.0}\' for affine-normal-icdf.'},
     )
     partition_mode: str = field(
         default="continuous",
@@ -117,7 +117,10 @@ class QRPOConfig(DPOConfig):
     )
     sample_selector: str = field(
         default="both",
-        metadata={"help": "Paired data: train on 'both' sides (the paper's), 'chosen', 'rejected' or 'random' (one per pair)."},
+        metadata={
+            "help": "Paired data: train on 'both' sides (the paper's), 'chosen', 'rejected' or 'random' (one per "
+            "pair)."
+        },
     )
     self_inclusion: str = field(
         default="leave_one_out",
@@ -128,7 +131,9 @@ class QRPOConfig(DPOConfig):
     )
     normalize_beta_by_length: bool = field(
         default=False,
-        metadata={"help": "Use beta / completion_tokens per completion (log Z per completion), as in the Apertus trainer."},
+        metadata={
+            "help": "Use beta / completion_tokens per completion (log Z per completion), as in the Apertus trainer."
+        },
     )
     normalize_loss_by_length: bool = field(
         default=False,
@@ -178,7 +183,10 @@ class QRPOConfig(DPOConfig):
             "ld_alpha": (self.ld_alpha is not None, "it reweights a chosen/rejected pair's tokens"),
             "use_weighting": (self.use_weighting, "WPO weighting is defined for preference pairs"),
             "loss_weights": (self.loss_weights is not None, "QRPO has a single loss"),
-            "label_smoothing": (self.label_smoothing != 0.0, "it applies to preference labels, which QRPO has none of"),
+            "label_smoothing": (
+                self.label_smoothing != 0.0,
+                "it applies to preference labels, which QRPO has none of",
+            ),
         }
         for name, (is_set, reason) in refused.items():
             if is_set:

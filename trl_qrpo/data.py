@@ -248,7 +248,9 @@ def quantile_batch(
         quantiles = np.stack([_float_column(batch, layout.quantile_column(s), indices) for s in sides], axis=1)
         out_of_range = ((quantiles < 0) | (quantiles > 1)).any(axis=1)
         if out_of_range.any():
-            column = layout.quantile_column(sides[int(np.argmax(((quantiles < 0) | (quantiles > 1))[out_of_range][0]))])
+            column = layout.quantile_column(
+                sides[int(np.argmax(((quantiles < 0) | (quantiles > 1))[out_of_range][0]))]
+            )
             raise ValueError(
                 f"Column '{column}', {_rows_message(indices[out_of_range])}: quantiles must lie in [0, 1]. Give "
                 "ref_rewards instead, or fix the quantile computation."
@@ -327,4 +329,3 @@ def target_batch(
     num_refs = None if (n < 0).any() else n
     targets, beta_log_z = qrpo_targets(q, transform, beta_t, num_refs, partition_mode, incl)
     return {"target": targets.tolist(), "beta": beta_t.tolist(), "beta_log_z": beta_log_z.tolist()}
-

@@ -76,7 +76,8 @@ def quantile_rewards(
         rewards = rewards[:, None]
     if ref.dim() != 2 or rewards.dim() != 2 or ref.shape[0] != rewards.shape[0]:
         raise ValueError(
-            f"Expected rewards [N] or [N, k] and ref_rewards [N, n]; got {tuple(rewards.shape)} and {tuple(ref.shape)}."
+            f"Expected rewards [N] or [N, k] and ref_rewards [N, n]; got {tuple(rewards.shape)} and "
+            f"{tuple(ref.shape)}."
         )
     if num_ref_rewards is not None:
         if num_ref_rewards < 1:
@@ -203,7 +204,9 @@ def _group_log_partition(transform: Transform, beta: torch.Tensor, n, includes_s
         if partition_mode == "continuous":
             value = transform.log_partition(b)
         else:
-            value = transform.discrete_log_partition(b, int(n.reshape(-1)[first]), bool(includes_self.reshape(-1)[first]))
+            value = transform.discrete_log_partition(
+                b, int(n.reshape(-1)[first]), bool(includes_self.reshape(-1)[first])
+            )
         if torch.is_tensor(value) and value.dim() > 0:  # per-prompt transform: index by row
             flat[idx] = value.to(torch.float64)[rows[idx]]
         else:

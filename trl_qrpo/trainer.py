@@ -34,7 +34,6 @@ from trl.trainer.utils import get_config_model_id, global_then_local_main_first,
 from .config import QRPOConfig
 from .data import (
     PAIRED,
-    POINTWISE,
     alias_renames,
     shadowed_aliases,
     detect_layout,
@@ -79,7 +78,9 @@ class DataCollatorForQRPO(DataCollatorMixin):
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         if self.truncation_mode not in ("keep_start", "keep_end"):
-            raise ValueError(f"Unsupported truncation mode: {self.truncation_mode}, expected 'keep_start' or 'keep_end'")
+            raise ValueError(
+                f"Unsupported truncation mode: {self.truncation_mode}, expected 'keep_start' or 'keep_end'"
+            )
         k = len(examples[0]["completion_ids"])
         ids, completion_masks = [], []
         for j in range(k):
@@ -88,7 +89,11 @@ class DataCollatorForQRPO(DataCollatorMixin):
                 seq = prompt + completion
                 mask = [0] * len(prompt) + [1] * len(completion)
                 if self.max_length is not None:
-                    sl = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+                    sl = (
+                        slice(None, self.max_length)
+                        if self.truncation_mode == "keep_start"
+                        else slice(-self.max_length, None)
+                    )
                     seq, mask = seq[sl], mask[sl]
                 ids.append(torch.tensor(seq, dtype=torch.long))
                 completion_masks.append(torch.tensor(mask, dtype=torch.long))
@@ -137,7 +142,7 @@ class QRPOTrainer(DPOTrainer):
     _tag_names = ["trl", "qrpo"]
     _name = "QRPO"
     _paper = {
-        "title": "Quantile Reward Policy Optimization: Alignment with Pointwise Regression and Exact Partition Functions",
+        "title": "Quantile Reward Policy Optimization: Alignment with Pointwise Regression and Exact Partition Functions",  # noqa: E501
         "id": "2507.08068",
         # docstyle-ignore
         "citation": textwrap.dedent("""\
@@ -146,7 +151,7 @@ class QRPOTrainer(DPOTrainer):
                 author       = {Simon Matrenok and Skander Moalla and Caglar Gulcehre},
                 year         = 2025,
                 journal      = {arXiv preprint arXiv:2507.08068},
-            }"""),
+            }"""),  # noqa: E501 (the paper's title, unbroken)
     }
 
     def __init__(
@@ -169,8 +174,8 @@ class QRPOTrainer(DPOTrainer):
             args = QRPOConfig(f"{model_name.split('/')[-1]}-QRPO")
         elif isinstance(args, DPOConfig) and not isinstance(args, QRPOConfig):
             raise TypeError(
-                "QRPOTrainer needs a QRPOConfig (a DPOConfig subclass with QRPO's fields): replace DPOConfig(...) with "
-                "QRPOConfig(...); the DPO fields carry over."
+                "QRPOTrainer needs a QRPOConfig (a DPOConfig subclass with QRPO's fields): replace DPOConfig(...) "
+                "with QRPOConfig(...); the DPO fields carry over."
             )
         if train_dataset is not None:
             sample = next(iter(train_dataset))
@@ -189,7 +194,9 @@ class QRPOTrainer(DPOTrainer):
                 processing_class = AutoProcessor.from_pretrained(
                     name, revision=revision, trust_remote_code=args.trust_remote_code
                 )
-            tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+            tokenizer = (
+                processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+            )
             if args.pad_token is not None:
                 tokenizer.pad_token = args.pad_token
             if tokenizer.pad_token is None:
@@ -292,7 +299,9 @@ class QRPOTrainer(DPOTrainer):
             if args.max_length is not None and args.truncation_mode == "keep_start":
                 before = len(dataset) if is_map_style else None
                 dataset = dataset.filter(
-                    lambda ex: len(ex["prompt_ids"]) < args.max_length, **map_kwargs, **desc("Dropping fully truncated")
+                    lambda ex: len(ex["prompt_ids"]) < args.max_length,
+                    **map_kwargs,
+                    **desc("Dropping fully truncated"),
                 )
                 if is_map_style and len(dataset) < before:
                     logger.warning(
@@ -451,7 +460,9 @@ class QRPOTrainer(DPOTrainer):
         if self.precompute_ref_logps:
             ref_logps = inputs["ref_logps"].to(logps.device, torch.float32)
         else:
-            ref_logps = self.compute_ref_log_probs(self.ref_model if self.ref_model is not None else self.model, inputs)
+            ref_logps = self.compute_ref_log_probs(
+                self.ref_model if self.ref_model is not None else self.model, inputs
+            )
         return logps, ref_logps, outputs
 
     def _compute_loss(self, model, inputs, return_outputs):

@@ -107,7 +107,10 @@ class Transform:
 
 
 class Identity(Transform):
-    """``f(t) = t``; ``log Z = log beta + 1/beta + log1p(-exp(-1/beta))`` (exact; the paper's code drops the last term)."""
+    """``f(t) = t``; ``log Z = log beta + 1/beta + log1p(-exp(-1/beta))``.
+
+    Exact; the paper's code drops the last term.
+    """
 
     name = "identity"
 
@@ -171,7 +174,9 @@ class AffineNormalICDF(Transform):
 
     def __init__(self, mu: float = 0.0, sigma: float = 1.0):
         if not (math.isfinite(mu) and math.isfinite(sigma)) or sigma < 0:
-            raise ValueError(f"affine-normal-icdf needs a finite mu and a finite sigma >= 0, got mu={mu}, sigma={sigma}.")
+            raise ValueError(
+                f"affine-normal-icdf needs a finite mu and a finite sigma >= 0, got mu={mu}, sigma={sigma}."
+            )
         self.mu = float(mu)
         self.sigma = float(sigma)
 
@@ -306,9 +311,9 @@ class CallableTransform(Transform):
         return self._cache[beta]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Quadrature for user transforms
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _tanh_sinh_nodes(h: float, kmax: float = 7.0):
@@ -376,9 +381,9 @@ def quadrature_log_partition(fn: Callable[[torch.Tensor], torch.Tensor], beta: f
     return estimate
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Registry
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, Callable[..., Transform]] = {
     "identity": Identity,
@@ -391,7 +396,9 @@ _REGISTRY: dict[str, Callable[..., Transform]] = {
 }
 
 
-def register_transform(name: str, factory: Callable[..., Transform] | Callable[[torch.Tensor], torch.Tensor], **kwargs):
+def register_transform(
+    name: str, factory: Callable[..., Transform] | Callable[[torch.Tensor], torch.Tensor], **kwargs
+):
     """Register a transform under ``name`` so that configs can refer to it by name.
 
     ``factory`` is either a :class:`Transform` subclass (or any callable returning a Transform; give it a
