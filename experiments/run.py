@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """QRPO, DPO, SimPO and REBEL on one real task, on a CPU: "answer these prompts more positively".
 
-    python experiments/run.py --config experiments/config.yaml            # everything (~80 min on 2 idle cores)
+    python experiments/run.py --config experiments/config.yaml            # everything (~60 min on 2 idle cores)
     python experiments/run.py --config experiments/config.yaml --quick    # the same pipeline, small (~9 min)
-    python experiments/run.py --config experiments/config.yaml --comparison   # the 4 methods x 3 seeds only
+    python experiments/run.py --config experiments/config.yaml --comparison   # the 4 methods x 3 seeds only (~27 min)
 
 Stages (each resumes: finished work in `work_dir` is skipped, so a killed run continues when started again):
 
