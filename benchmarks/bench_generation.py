@@ -254,13 +254,21 @@ def parse_args(argv=None):
     return args
 
 
+COLUMNS = [
+    ("size", "size"),
+    ("method", "method"),
+    ("tok_s", "generated tokens/s"),
+    ("s", "seconds"),
+    ("tokens", "tokens"),
+    ("sequences", "sequences"),
+    ("vs_plain", "vs plain"),
+    ("note", "note"),
+]
+
+
 def main(argv=None):
     args = parse_args(argv)
-    machine = common.machine_info()
-    results = []
-    with common.LoadMonitor() as load:
-        for size in args.sizes.split(","):
-            results.append(run_size(size.strip(), args))
+    machine, results, load = common.run_sizes(args.sizes, lambda size: run_size(size, args))
     rows = []
     for r in results:
         for name, run in r["runs"].items():
@@ -280,16 +288,7 @@ def main(argv=None):
             )
     common.print_table(
         rows,
-        [
-            ("size", "size"),
-            ("method", "method"),
-            ("tok_s", "generated tokens/s"),
-            ("s", "seconds"),
-            ("tokens", "tokens"),
-            ("sequences", "sequences"),
-            ("vs_plain", "vs plain"),
-            ("note", "note"),
-        ],
+        COLUMNS,
         title=f"Reference generation ({args.device}), {args.prompts} prompts x {args.num_generations}, "
         f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}",
     )
@@ -311,17 +310,7 @@ def main(argv=None):
         ax.legend()
         ax.set_title(f"Reference generation on {args.device}")
 
-    payload = {
-        "benchmark": "generation",
-        "args": vars(args),
-        "machine": machine,
-        "load": load.summary(),
-        "results": results,
-        "table": rows,
-    }
-    common.write_json(args.name, payload, args.out_dir)
-    common.plot(args.name, draw, args.out_dir)
-    return payload
+    return common.save("generation", args, machine, load, draw, results=results, table=rows)
 
 
 if __name__ == "__main__":

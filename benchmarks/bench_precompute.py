@@ -53,21 +53,35 @@ def _time_precompute():
         setattr(cls, "_precompute_ref_logps", timed)
 
 
+COLUMNS = [
+    ("size", "size"),
+    ("variant", "variant"),
+    ("step_s", "step s (median)"),
+    ("vs_on_the_fly", "time / on the fly"),
+    ("tok_s", "tokens/s"),
+    ("precompute_s", "precompute pass s"),
+    ("precompute_ms_seq", "precompute ms/seq"),
+    ("peak_mb", "peak MiB (over start)"),
+    ("step_mb", "step MiB (over setup)"),
+    ("mem_vs", "peak / on the fly"),
+]
+
+
 def main(argv=None):
     args = bts.parse_args(argv)
     if args.name == "train_step":
         args.name = "precompute"
     _time_precompute()
-    machine = common.machine_info()
-    results = []
-    with common.LoadMonitor() as load:
-        for size in args.sizes.split(","):
-            PRECOMPUTE_S.clear()
-            r = bts.run_size(size.strip(), args, VARIANTS, RATIOS)
-            sequences = 2 * args.batch_pairs * tc.Workload(size=size).num_batches
-            r["precompute_s"] = dict(PRECOMPUTE_S)
-            r["precompute_s_per_sequence"] = {k: v / sequences for k, v in PRECOMPUTE_S.items()}
-            results.append(r)
+
+    def run_size(size):
+        PRECOMPUTE_S.clear()
+        r = bts.run_size(size, args, VARIANTS, RATIOS)
+        sequences = 2 * args.batch_pairs * tc.Workload(size=size).num_batches
+        r["precompute_s"] = dict(PRECOMPUTE_S)
+        r["precompute_s_per_sequence"] = {k: v / sequences for k, v in PRECOMPUTE_S.items()}
+        return r
+
+    machine, results, load = common.run_sizes(args.sizes, run_size)
     rows = []
     for r in results:
         for name, s in r["step"].items():
@@ -88,19 +102,7 @@ def main(argv=None):
                     "mem_vs": ratio.get("peak_over_start_ratio"),
                 }
             )
-    columns = [
-        ("size", "size"),
-        ("variant", "variant"),
-        ("step_s", "step s (median)"),
-        ("vs_on_the_fly", "time / on the fly"),
-        ("tok_s", "tokens/s"),
-        ("precompute_s", "precompute pass s"),
-        ("precompute_ms_seq", "precompute ms/seq"),
-        ("peak_mb", "peak MiB (over start)"),
-        ("step_mb", "step MiB (over setup)"),
-        ("mem_vs", "peak / on the fly"),
-    ]
-    common.print_table(rows, columns, title="precompute_ref_log_probs: on the fly vs precomputed")
+    common.print_table(rows, COLUMNS, title="precompute_ref_log_probs: on the fly vs precomputed")
     for r in results:
         q = r["ratios"]
         print(
@@ -126,17 +128,7 @@ def main(argv=None):
         axes[0].legend()
         fig.suptitle("Reference log-probs on the fly vs precomputed (CPU)")
 
-    payload = {
-        "benchmark": "precompute",
-        "args": vars(args),
-        "machine": machine,
-        "load": load.summary(),
-        "results": results,
-        "table": rows,
-    }
-    common.write_json(args.name, payload, args.out_dir)
-    common.plot(args.name, draw, args.out_dir)
-    return payload
+    return common.save("precompute", args, machine, load, draw, results=results, table=rows)
 
 
 if __name__ == "__main__":

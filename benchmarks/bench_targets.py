@@ -196,6 +196,45 @@ def parse_args(argv=None):
     return args
 
 
+MATH_COLUMNS = [
+    ("case", "case"),
+    ("shape", "rows x refs"),
+    ("quantiles_s", "quantile_rewards s"),
+    ("targets_s", "qrpo_targets s"),
+    ("total_s", "total s"),
+    ("peak_mb", "peak MiB over inputs"),
+    ("input_mb", "inputs MiB"),
+    ("met", "< 2 s"),
+]
+DATASET_COLUMNS = [
+    ("step", "datasets path"),
+    ("rows", "rows"),
+    ("s", "seconds"),
+    ("rows_s", "rows/s"),
+    ("peak_mb", "peak MiB over start"),
+]
+
+
+def dataset_rows(d: dict) -> list[dict]:
+    """The datasets-path result as table rows (each map, both, and the whole _prepare_dataset when measured)."""
+    rows = [
+        {"step": "quantile_batch map", "rows": d["rows"], "s": d["quantile_map_s"]},
+        {"step": "target_batch map", "rows": d["rows"], "s": d["target_map_s"]},
+        {"step": "both maps", "rows": d["rows"], "s": d["maps_total_s"], "peak_mb": d["maps_peak_over_start_mb"]},
+    ]
+    if "full_prepare_s" in d:
+        rows.append(
+            {
+                "step": "whole _prepare_dataset (tokenization included)",
+                "rows": d["full_prepare_rows"],
+                "s": d["full_prepare_s"],
+            }
+        )
+    for row in rows:
+        row["rows_s"] = row["rows"] / row["s"]
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
     machine = common.machine_info()
@@ -229,61 +268,11 @@ def main(argv=None):
         }
         for r in math_results
     ]
-    common.print_table(
-        rows,
-        [
-            ("case", "case"),
-            ("shape", "rows x refs"),
-            ("quantiles_s", "quantile_rewards s"),
-            ("targets_s", "qrpo_targets s"),
-            ("total_s", "total s"),
-            ("peak_mb", "peak MiB over inputs"),
-            ("input_mb", "inputs MiB"),
-            ("met", "< 2 s"),
-        ],
-        title="Target preparation, the math (torch tensors)",
-    )
+    common.print_table(rows, MATH_COLUMNS, title="Target preparation, the math (torch tensors)")
     if dataset_result:
-        d = dataset_result
-        drows = [
-            {
-                "step": "quantile_batch map",
-                "rows": d["rows"],
-                "s": d["quantile_map_s"],
-                "rows_s": d["rows"] / d["quantile_map_s"],
-            },
-            {
-                "step": "target_batch map",
-                "rows": d["rows"],
-                "s": d["target_map_s"],
-                "rows_s": d["rows"] / d["target_map_s"],
-            },
-            {
-                "step": "both maps",
-                "rows": d["rows"],
-                "s": d["maps_total_s"],
-                "rows_s": d["rows_per_s"],
-                "peak_mb": d["maps_peak_over_start_mb"],
-            },
-        ]
-        if "full_prepare_s" in d:
-            drows.append(
-                {
-                    "step": "whole _prepare_dataset (with tokenization)",
-                    "rows": d["full_prepare_rows"],
-                    "s": d["full_prepare_s"],
-                    "rows_s": d["full_prepare_rows_per_s"],
-                }
-            )
         common.print_table(
-            drows,
-            [
-                ("step", "step"),
-                ("rows", "rows"),
-                ("s", "seconds"),
-                ("rows_s", "rows/s"),
-                ("peak_mb", "peak MiB over start"),
-            ],
+            dataset_rows(dataset_result),
+            DATASET_COLUMNS,
             title=f"Target preparation through datasets (paired rows, {args.refs} reference rewards)",
         )
 
@@ -304,19 +293,17 @@ def main(argv=None):
         axes[1].set_xlabel("peak RSS over inputs (MiB)")
         fig.suptitle("QRPO target preparation (CPU)")
 
-    payload = {
-        "benchmark": "targets",
-        "args": vars(args),
-        "machine": machine,
-        "load": load.summary(),
-        "math": math_results,
-        "dataset": dataset_result,
-        "table": rows,
-        "target_met": all(r["total_s"] < 2.0 for r in math_results),
-    }
-    common.write_json(args.name, payload, args.out_dir)
-    common.plot(args.name, draw, args.out_dir)
-    return payload
+    return common.save(
+        "targets",
+        args,
+        machine,
+        load.summary(),
+        draw,
+        math=math_results,
+        dataset=dataset_result,
+        table=rows,
+        target_met=all(r["total_s"] < 2.0 for r in math_results),
+    )
 
 
 if __name__ == "__main__":

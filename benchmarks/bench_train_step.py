@@ -181,11 +181,7 @@ def draw(results, rows, baseline="dpo"):
 
 def main(argv=None):
     args = parse_args(argv)
-    machine = common.machine_info()
-    results = []
-    with common.LoadMonitor() as load:
-        for size in args.sizes.split(","):
-            results.append(run_size(size.strip(), args))
+    machine, results, load = common.run_sizes(args.sizes, lambda size: run_size(size, args))
     rows = table_rows(results)
     common.print_table(rows, COLUMNS, title="QRPO vs DPO, one training step (forward, reference forward, backward)")
     verdicts = []
@@ -210,19 +206,17 @@ def main(argv=None):
             ),
             flush=True,
         )
-    payload = {
-        "benchmark": "train_step",
-        "args": vars(args),
-        "machine": machine,
-        "load": load.summary(),
-        "gradient_checkpointing": args.gradient_checkpointing,
-        "results": results,
-        "table": rows,
-        "targets": verdicts,
-    }
-    common.write_json(args.name, payload, args.out_dir)
-    common.plot(args.name, draw(results, rows), args.out_dir)
-    return payload
+    return common.save(
+        "train_step",
+        args,
+        machine,
+        load,
+        draw(results, rows),
+        gradient_checkpointing=args.gradient_checkpointing,
+        results=results,
+        table=rows,
+        targets=verdicts,
+    )
 
 
 if __name__ == "__main__":

@@ -328,6 +328,25 @@ def print_table(rows: list[dict], columns: list[tuple[str, str]], title: str = "
     return text
 
 
+def run_sizes(sizes: str, run_size) -> tuple[dict, list, dict]:
+    """`run_size(size)` for each of the comma-separated `sizes`, under a LoadMonitor.
+
+    Returns the machine description, the results in order, and the load summary.
+    """
+    machine = machine_info()
+    with LoadMonitor() as load:
+        results = [run_size(size.strip()) for size in sizes.split(",")]
+    return machine, results, load.summary()
+
+
+def save(benchmark: str, args, machine: dict, load: dict, draw, **fields) -> dict:
+    """Write `<args.name>.json` (benchmark, args, machine, load, then `fields`) and `<args.name>.png`."""
+    payload = {"benchmark": benchmark, "args": vars(args), "machine": machine, "load": load, **fields}
+    write_json(args.name, payload, args.out_dir)
+    plot(args.name, draw, args.out_dir)
+    return payload
+
+
 def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     out_dir = Path(out_dir or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)

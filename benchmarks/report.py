@@ -9,6 +9,9 @@ import argparse
 import json
 from pathlib import Path
 
+import bench_generation
+import bench_precompute
+import bench_targets
 import common
 
 
@@ -72,67 +75,16 @@ def train_step(payload: dict) -> None:
 def precompute(payload: dict) -> None:
     print("\n### precompute_ref_log_probs: on the fly vs precomputed\n")
     print(machine_line(payload))
-    common.print_table(
-        payload["table"],
-        [
-            ("size", "size"),
-            ("variant", "variant"),
-            ("step_s", "step s (median)"),
-            ("vs_on_the_fly", "time / on the fly"),
-            ("tok_s", "tokens/s"),
-            ("precompute_s", "precompute pass s"),
-            ("precompute_ms_seq", "ms/seq"),
-            ("peak_mb", "peak MiB"),
-            ("step_mb", "step MiB"),
-            ("mem_vs", "peak / on the fly"),
-        ],
-    )
+    common.print_table(payload["table"], bench_precompute.COLUMNS)
 
 
 def targets(payload: dict) -> None:
     print("\n### Target preparation\n")
     print(machine_line(payload))
-    common.print_table(
-        payload["table"],
-        [
-            ("case", "case"),
-            ("shape", "rows x refs"),
-            ("quantiles_s", "quantile_rewards s"),
-            ("targets_s", "qrpo_targets s"),
-            ("total_s", "total s"),
-            ("peak_mb", "peak MiB over inputs"),
-            ("input_mb", "inputs MiB"),
-            ("met", "< 2 s"),
-        ],
-    )
-    d = payload.get("dataset")
-    if d:
-        rows = [
-            {"step": "quantile_batch map", "rows": d["rows"], "s": d["quantile_map_s"]},
-            {"step": "target_batch map", "rows": d["rows"], "s": d["target_map_s"]},
-            {"step": "both maps", "rows": d["rows"], "s": d["maps_total_s"], "peak": d["maps_peak_over_start_mb"]},
-        ]
-        if "full_prepare_s" in d:
-            rows.append(
-                {
-                    "step": "whole _prepare_dataset (tokenization included)",
-                    "rows": d["full_prepare_rows"],
-                    "s": d["full_prepare_s"],
-                }
-            )
-        for row in rows:
-            row["rows_s"] = row["rows"] / row["s"]
+    common.print_table(payload["table"], bench_targets.MATH_COLUMNS)
+    if payload.get("dataset"):
         print()
-        common.print_table(
-            rows,
-            [
-                ("step", "datasets path"),
-                ("rows", "rows"),
-                ("s", "seconds"),
-                ("rows_s", "rows/s"),
-                ("peak", "peak MiB"),
-            ],
-        )
+        common.print_table(bench_targets.dataset_rows(payload["dataset"]), bench_targets.DATASET_COLUMNS)
 
 
 def generation(payload: dict) -> None:
@@ -142,18 +94,7 @@ def generation(payload: dict) -> None:
         f"max_new_tokens {a['max_new_tokens']}, batch {a['batch_size']}\n"
     )
     print(machine_line(payload))
-    common.print_table(
-        payload["table"],
-        [
-            ("size", "size"),
-            ("method", "method"),
-            ("tok_s", "generated tokens/s"),
-            ("s", "seconds"),
-            ("tokens", "tokens"),
-            ("vs_plain", "vs plain"),
-            ("note", "note"),
-        ],
-    )
+    common.print_table(payload["table"], bench_generation.COLUMNS)
 
 
 SECTIONS = {"train_step": train_step, "precompute": precompute, "targets": targets, "generation": generation}

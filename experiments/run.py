@@ -9,7 +9,7 @@ Stages (each resumes: finished work in `work_dir` is skipped, so a killed run co
 
 1. split       prompts file -> train / held-out eval prompts (seeded shuffle)
 2. references  `num_candidates + num_ref_rewards` samples per train prompt from pi_ref (generate_references)
-3. score       VADER sentiment of every reference (score_dataset + experiments/sentiment_reward.py)
+3. score       VADER sentiment of every reference (score_dataset + trl_qrpo.rewards.vader_sentiment)
 4. pairs       best and worst of the first `num_candidates` references (build_offpolicy_dataset, "best_worst");
                the quantiles use the other `num_ref_rewards` references, which were not candidates
 5. reference   evaluate pi_ref itself (evaluate_policy) with every eval seed
@@ -392,55 +392,37 @@ def train_policy(spec: dict, cfg: dict, pairs, model_path: str, out_dir: Path):
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
-    paired_columns = ["prompt", "chosen", "rejected"]
+    columns = ["prompt", "chosen", "rejected"]
     method = spec["method"]
     if method in ("qrpo", "rebel"):
-        from trl_qrpo import QRPOConfig, QRPOTrainer
+        from trl_qrpo import QRPOConfig as config_class
+        from trl_qrpo import QRPOTrainer as trainer_class
 
-        extra = (
-            {"loss_type": ["rebel"]}
-            if method == "rebel"
-            else {
-                "transform": spec["transform"],
-                "num_ref_rewards": spec["num_ref_rewards"],
-                "ties": spec["ties"],
-            }
-        )
-        args = QRPOConfig(
-            beta=spec["beta"], precompute_ref_log_probs=True, precompute_ref_batch_size=16, **extra, **common
-        )
-        columns = paired_columns + ["chosen_reward", "rejected_reward", "ref_rewards"]
-        trainer = QRPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=pairs.select_columns(columns),
-            processing_class=tokenizer,
-            peft_config=peft_config,
-        )
+        if method == "rebel":
+            extra = {"loss_type": ["rebel"]}
+        else:
+            extra = {"transform": spec["transform"], "num_ref_rewards": spec["num_ref_rewards"], "ties": spec["ties"]}
+        extra.update(beta=spec["beta"], precompute_ref_log_probs=True, precompute_ref_batch_size=16)
+        columns += ["chosen_reward", "rejected_reward", "ref_rewards"]
     elif method == "dpo":
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOConfig as config_class
+        from trl import DPOTrainer as trainer_class
 
-        args = DPOConfig(beta=spec["beta"], precompute_ref_log_probs=True, precompute_ref_batch_size=16, **common)
-        trainer = DPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=pairs.select_columns(paired_columns),
-            processing_class=tokenizer,
-            peft_config=peft_config,
-        )
+        extra = {"beta": spec["beta"], "precompute_ref_log_probs": True, "precompute_ref_batch_size": 16}
     elif method == "simpo":
-        from trl.experimental.cpo import CPOConfig, CPOTrainer
+        from trl.experimental.cpo import CPOConfig as config_class
+        from trl.experimental.cpo import CPOTrainer as trainer_class
 
-        args = CPOConfig(loss_type="simpo", beta=spec["beta"], simpo_gamma=spec["gamma"], cpo_alpha=0.0, **common)
-        trainer = CPOTrainer(
-            model=model,
-            args=args,
-            train_dataset=pairs.select_columns(paired_columns),
-            processing_class=tokenizer,
-            peft_config=peft_config,
-        )
+        extra = {"loss_type": "simpo", "beta": spec["beta"], "simpo_gamma": spec["gamma"], "cpo_alpha": 0.0}
     else:
         raise ValueError(method)
+    trainer = trainer_class(
+        model=model,
+        args=config_class(**extra, **common),
+        train_dataset=pairs.select_columns(columns),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     trainer.train()
     history = trainer.state.log_history
     policy = trainer.model
@@ -484,9 +466,11 @@ def spearman(x, y) -> float | None:
 
 
 def sample_records(samples) -> list[dict]:
+    from trl_qrpo.rewards import completion_text
+
     keep = ["row_index", "sample_index", "num_tokens", "truncated", "reward", "policy_logp", "ref_logp", "logratio"]
     cols = {k: samples[k] for k in keep if k in samples.column_names}
-    texts = [c[-1]["content"] if isinstance(c, list) else c for c in samples["completion"]]
+    texts = [completion_text(c) for c in samples["completion"]]
     return [dict({k: cols[k][i] for k in cols}, completion=texts[i]) for i in range(len(samples))]
 
 
