@@ -161,36 +161,33 @@ def stage_split(cfg: dict, work: Path):
 
 
 def stage_references(cfg: dict, work: Path, train, model_path: str):
-    from trl_qrpo.reference import generate_references
+    from trl_qrpo.precompute import GenerateConfig, generate_references
 
     r = cfg["references"]
     return generate_references(
         train,
-        model_path,
-        model_path,
-        num_generations=r["num_candidates"] + r["num_ref_rewards"],
-        temperature=1.0,
-        top_p=1.0,
-        max_new_tokens=r["max_new_tokens"],
-        seed=r["seed"],
-        batch_size=r["batch_size"],
-        chunk_size=r["chunk_size"],
-        backend="transformers",
-        dtype=cfg["dtype"],
-        device="cpu",
-        output_dir=str(work / "references"),
+        GenerateConfig(
+            model_name_or_path=model_path,
+            num_generations=r["num_candidates"] + r["num_ref_rewards"],
+            temperature=1.0,
+            top_p=1.0,
+            max_new_tokens=r["max_new_tokens"],
+            seed=r["seed"],
+            batch_size=r["batch_size"],
+            chunk_size=r["chunk_size"],
+            backend="transformers",
+            dtype=cfg["dtype"],
+            device="cpu",
+            output_dir=str(work / "references"),
+        ),
     )
 
 
 def stage_score(cfg: dict, work: Path, refs):
-    from trl_qrpo.reference import score_dataset
+    from trl_qrpo.precompute import ScoreConfig, score_dataset
 
-    return score_dataset(
-        refs,
-        reward_funcs=[load_reward(cfg["reward"])],
-        output_dir=str(work / "scored"),
-        chunk_size=cfg["references"]["chunk_size"],
-    )
+    args = ScoreConfig(output_dir=str(work / "scored"), chunk_size=cfg["references"]["chunk_size"])
+    return score_dataset(refs, args, reward_funcs=[load_reward(cfg["reward"])])
 
 
 def stage_pairs(cfg: dict, work: Path, scored):
@@ -205,13 +202,15 @@ def stage_pairs(cfg: dict, work: Path, scored):
     """
     from datasets import load_from_disk
 
-    from trl_qrpo.reference import build_offpolicy_dataset
+    from trl_qrpo.precompute import BuildOffPolicyConfig, build_offpolicy_dataset
 
     path = work / "pairs"
     r = cfg["references"]
     C, N = r["num_candidates"], r["num_ref_rewards"]
     if not (path / "dataset_info.json").exists():
-        pairs = build_offpolicy_dataset(scored, mode="best_worst", num_candidates=C, drop_ties=True)
+        pairs = build_offpolicy_dataset(
+            scored, BuildOffPolicyConfig(mode="best_worst", num_candidates=C, drop_ties=True)
+        )
         if len(pairs) == 0:
             raise ValueError(
                 f"Every prompt's {C} candidates have the same reward: no training pair. Use more candidates, longer "
@@ -435,15 +434,10 @@ def train_policy(spec: dict, cfg: dict, pairs, model_path: str, out_dir: Path):
 
 
 def evaluate(policy, ref_model, tokenizer, eval_ds, cfg: dict, seed: int):
-    from trl_qrpo.reference import evaluate_policy
+    from trl_qrpo.precompute import EvaluateConfig, evaluate_policy
 
     e = cfg["eval"]
-    samples, summary = evaluate_policy(
-        eval_ds,
-        policy,
-        ref_model,
-        tokenizer,
-        reward_funcs=[load_reward(cfg["reward"])],
+    args = EvaluateConfig(
         num_samples=e["num_samples"],
         max_new_tokens=e["max_new_tokens"],
         seed=seed,
@@ -451,6 +445,14 @@ def evaluate(policy, ref_model, tokenizer, eval_ds, cfg: dict, seed: int):
         logprob_batch_size=16,
         backend="transformers",
         device="cpu",
+    )
+    samples, summary = evaluate_policy(
+        eval_ds,
+        args,
+        model=policy,
+        ref_model=ref_model,
+        processing_class=tokenizer,
+        reward_funcs=[load_reward(cfg["reward"])],
     )
     return samples, summary
 
@@ -487,7 +489,7 @@ def read_samples(path: Path) -> list[dict]:
 
 def fixed_sample_logratios(policy, tokenizer, eval_ds, ref_records: list[dict]) -> list[float]:
     """log pi/pi_ref of the policy on pi_ref's own evaluation samples (the same completions for every method)."""
-    from trl_qrpo.reference import sequence_logps
+    from trl_qrpo.precompute import sequence_logps
     from trl_qrpo.precompute.sampling import tokenize_prompt
 
     prompt_ids = [tokenize_prompt(tokenizer, row) for row in eval_ds]

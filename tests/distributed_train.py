@@ -9,6 +9,9 @@ processes, DDP or DeepSpeed). Everything that is not a test option is a QRPOConf
         tests/distributed_train.py --model DIR --result out.json --output_dir out --per_device_train_batch_size 2 \
         --bf16 false [--precompute_ref_log_probs true] [--lora] [--ref_model] [--stop_after K] ...
 
+A launch of several processes without a GPU is set up as `trl qrpo` sets it up (`parse` applies
+`trl_qrpo.distributed.apply_cpu_only_launch_defaults` before the flags become a QRPOConfig).
+
 Without --data it trains on `make_rows()`: 16 scored pairs (conversational, 5 reference rewards each), the same in
 every process.
 
@@ -171,9 +174,15 @@ def parse(argv: list[str] | None = None):
     from transformers import HfArgumentParser
 
     from trl_qrpo import QRPOConfig
+    from trl_qrpo.distributed import apply_cpu_only_launch_defaults, check_every_launched_process_joined
 
     parser = HfArgumentParser((TestOptions, QRPOConfig))
-    return parser.parse_args_into_dataclasses(args=argv)
+    # As the training script does: a launch of several processes without a GPU gets gloo (DeepSpeed) or use_cpu
+    # (DDP) as defaults before the flags become a QRPOConfig; a single process is left as it is.
+    apply_cpu_only_launch_defaults(parser, argv)
+    options, args = parser.parse_args_into_dataclasses(args=argv)
+    check_every_launched_process_joined(args)
+    return options, args
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ REFERENCE_CLI = "trl_qrpo.scripts.reference_cli"
 def _fake_reference_cli(monkeypatch, subcommands):
     module = types.ModuleType(REFERENCE_CLI)
     module.SUBCOMMANDS = subcommands
+    module.HELP = {name: f"help of {name}" for name in subcommands}
     monkeypatch.setitem(sys.modules, REFERENCE_CLI, module)
 
 
@@ -57,7 +58,7 @@ def test_unknown_subcommand_is_an_error_that_lists_the_known_ones(monkeypatch, c
     _fake_reference_cli(monkeypatch, {"generate": lambda argv, prog: 0, "score": lambda argv, prog: 0})
     assert cli.main(["genrate"], prog="trl qrpo") == 2
     err = capsys.readouterr().err
-    assert "'genrate'" in err and "generate, prepare-smollm2, score" in err and "trl qrpo --config" in err
+    assert "'genrate'" in err and "env, generate, prepare-smollm2, score" in err and "trl qrpo --config" in err
 
 
 def test_no_arguments_prints_help_instead_of_launching(monkeypatch, capsys):
@@ -67,43 +68,68 @@ def test_no_arguments_prints_help_instead_of_launching(monkeypatch, capsys):
     assert out.startswith("usage: trl qrpo ") and "  --transform " in out and "trl qrpo prepare-smollm2" in out
 
 
-def test_reference_cli_not_there_yet_leaves_the_builtins(monkeypatch):
-    monkeypatch.setitem(sys.modules, REFERENCE_CLI, None)  # makes `import` raise ModuleNotFoundError for that name
-    assert sorted(cli.get_subcommands()) == ["prepare-smollm2"]
-    assert "prepare-smollm2" in cli._description("trl qrpo")
-
-
-def test_broken_reference_cli_surfaces_only_when_a_subcommand_is_asked_for(monkeypatch, tmp_path):
-    (tmp_path / "broken_reference_cli.py").write_text("raise RuntimeError('bug in reference_cli')\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(cli, "REFERENCE_CLI_MODULE", "broken_reference_cli")
-    with pytest.raises(RuntimeError, match="bug in reference_cli"):
-        cli.main(["generate"], prog="trl qrpo")
-    assert sorted(cli.get_subcommands(strict=False)) == ["prepare-smollm2"]  # --help still works
-
-
-def test_subcommands_must_be_a_dict_of_callables(monkeypatch):
-    _fake_reference_cli(monkeypatch, {"generate": "not callable"})
-    with pytest.raises(TypeError, match="SUBCOMMANDS"):
-        cli.get_subcommands()
-    _fake_reference_cli(monkeypatch, [("generate", print)])
-    with pytest.raises(TypeError, match="dict"):
-        cli.get_subcommands()
+PRECOMPUTE_COMMANDS = ["build-offpolicy", "evaluate", "generate", "merge", "score"]
 
 
 def test_real_reference_cli_subcommands_follow_the_contract():
-    """Once trl_qrpo/scripts/reference_cli.py exists, each of its subcommands answers --help through our routing."""
-    try:
-        module = __import__(REFERENCE_CLI, fromlist=["SUBCOMMANDS"])
-    except ModuleNotFoundError as error:
-        if error.name != REFERENCE_CLI:
-            raise
-        pytest.skip("trl_qrpo/scripts/reference_cli.py is not there yet")
-    assert isinstance(module.SUBCOMMANDS, dict) and module.SUBCOMMANDS
-    for name in module.SUBCOMMANDS:
+    """Each pre-computation command of trl_qrpo/scripts/reference_cli.py is routed, has a help line, answers --help."""
+    from trl_qrpo.scripts.reference_cli import HELP, SUBCOMMANDS
+
+    assert sorted(SUBCOMMANDS) == PRECOMPUTE_COMMANDS
+    assert sorted(cli.get_subcommands()) == sorted(["env", "prepare-smollm2", *PRECOMPUTE_COMMANDS])
+    for name, function in SUBCOMMANDS.items():
+        assert callable(function) and not name.startswith("-") and HELP.get(name), name
+        assert cli.get_subcommands()[name] is function
         with pytest.raises(SystemExit) as exit_:
             cli.main([name, "--help"], prog="trl qrpo")
         assert exit_.value.code in (0, None), name
+
+
+def test_help_lists_every_subcommand_with_its_line():
+    from trl_qrpo.scripts.reference_cli import HELP
+
+    description = cli._description("trl qrpo")
+    for name in ["env", "prepare-smollm2", *PRECOMPUTE_COMMANDS]:
+        line = next(line for line in description.splitlines() if line.strip().startswith(f"trl qrpo {name} "))
+        assert (HELP.get(name) or cli.BUILTIN_HELP[name]) in line, name
+
+
+def test_import_of_the_cli_stays_cheap():
+    """The start-up hook imports trl_qrpo.cli whenever TRL's CLI lists its commands: it must not pull in the rest."""
+    code = (
+        "import sys, trl_qrpo.cli\n"
+        "print(sorted(m for m in ('trl_qrpo.scripts.reference_cli', 'trl_qrpo.trainer', 'trl_qrpo.precompute', "
+        "'transformers', 'datasets') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------------------- `env`
+
+
+def test_env_report_is_trls_with_trl_qrpo_after_trls_version(monkeypatch):
+    import trl.scripts.env
+
+    trls = "\nCopy-paste the following information when reporting an issue:\n\n- Platform: x\n- TRL version: 9.9\n- PyTorch version: 1\n"
+    monkeypatch.setattr(trl.scripts.env, "print_env", lambda: print(trls))
+    lines = cli.environment_report().splitlines()
+    at = lines.index("- TRL version: 9.9")
+    assert lines[at + 1].startswith("- trl-qrpo version: ")
+    assert lines[at + 2].startswith("- `trl qrpo` command: ")
+    assert lines[: at + 1] + lines[at + 3 :] == (trls + "\n").splitlines(), "TRL's own lines unchanged, in order"
+
+
+def test_env_report_with_the_real_print_env(capsys):
+    assert cli.main(["env"], prog="trl-qrpo") == 0
+    out = capsys.readouterr().out
+    import trl
+
+    from trl_qrpo import __version__
+
+    assert f"- trl-qrpo version: {__version__}" in out
+    assert out.index("- TRL version: " + trl.__version__) < out.index("- trl-qrpo version:") < out.index("- PyTorch")
 
 
 # ------------------------------------------------------------------------------- launching, compared with trl dpo
@@ -198,6 +224,55 @@ def test_launch_uses_accelerate_launch_on_the_packaged_script():
     assert script.is_file() and script.parts[-3:] == ("trl_qrpo", "scripts", "qrpo.py")
     assert args.training_script_args == ["--config", "r.yaml"]
     assert args.num_processes == 1 and args.mixed_precision == "no"
+
+
+@pytest.fixture
+def no_accelerate_default_config(monkeypatch, tmp_path):
+    """As on a fresh machine: no `accelerate config` file."""
+    import accelerate.commands.config
+    import accelerate.commands.launch
+
+    missing = str(tmp_path / "no-default-config.yaml")
+    monkeypatch.setattr(accelerate.commands.config, "default_config_file", missing)
+    monkeypatch.setattr(accelerate.commands.launch, "default_config_file", missing)
+
+
+def _validate_and_capture_warnings(args, caplog):
+    import logging
+
+    from accelerate.commands.launch import _validate_launch_command
+
+    with caplog.at_level(logging.WARNING):
+        _validate_launch_command(args)
+    return caplog.text
+
+
+def test_launch_sets_accelerates_defaults_so_it_does_not_warn(no_accelerate_default_config, caplog):
+    """accelerate's "The following values were not passed to `accelerate launch`" list does not appear."""
+    import torch
+    from accelerate.commands.launch import launch_command_parser
+
+    captured = []
+    cli.launch_training_script([], ["--config", "r.yaml"], launch_command_fn=captured.append)
+    (args,) = captured
+    assert args.num_processes == max(torch.cuda.device_count(), 1)
+    assert (args.num_machines, args.mixed_precision, args.dynamo_backend) == (1, "no", "no")
+    assert "were not passed to `accelerate launch`" not in _validate_and_capture_warnings(args, caplog)
+    # What accelerate says without them (the check above can fail):
+    bare = launch_command_parser().parse_args([args.training_script])
+    assert "`--num_processes` was set to a value of" in _validate_and_capture_warnings(bare, caplog)
+
+
+def test_launch_defaults_leave_given_values_and_config_files_alone(no_accelerate_default_config, tmp_path):
+    captured = []
+    cli.launch_training_script(
+        ["--num_processes", "2", "--mixed_precision", "bf16"], [], launch_command_fn=captured.append
+    )
+    assert (captured[0].num_processes, captured[0].mixed_precision) == (2, "bf16")
+    config = tmp_path / "accelerate.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nnum_processes: 1\n")
+    cli.launch_training_script(["--config_file", str(config)], [], launch_command_fn=captured.append)
+    assert captured[1].num_processes is None and captured[1].mixed_precision is None, "the config file's to give"
 
 
 def test_failed_training_returns_its_exit_status(recipe, capsys):
@@ -358,14 +433,22 @@ def test_trl_lists_qrpo_next_to_its_own_commands_and_the_hook_can_be_switched_of
 
 @pytest.mark.slow
 @installed
-def test_trl_dpo_and_trl_env_are_unchanged(tmp_path):
+def test_trl_dpo_is_unchanged_and_trl_env_reports_trl_qrpo(tmp_path):
+    from trl_qrpo import __version__
+
     dpo = run([str(BIN / "trl"), "dpo", "--help"], cwd=tmp_path)
     assert dpo.returncode == 0, dpo.stderr
     assert dpo.stdout.startswith("usage: trl dpo ") and "  --beta " in dpo.stdout
     assert "--transform" not in dpo.stdout and "--num_ref_rewards" not in dpo.stdout
-    env = run([str(BIN / "trl"), "env"], cwd=tmp_path)
-    assert env.returncode == 0, env.stderr
-    assert "TRL version" in env.stdout
+    for command in ([str(BIN / "trl"), "env"], [str(BIN / "trl-qrpo"), "env"]):
+        env = run(command, cwd=tmp_path)
+        assert env.returncode == 0, env.stderr
+        assert "- TRL version: " in env.stdout and "- Transformers version: " in env.stdout, "TRL's report"
+        assert f"- trl-qrpo version: {__version__}" in env.stdout, command
+        assert "- `trl qrpo` command: available" in env.stdout, command
+    disabled = run([str(BIN / "trl"), "env"], cwd=tmp_path, env={"TRL_QRPO_DISABLE_TRL_HOOK": "1"})
+    assert disabled.returncode == 0 and "- TRL version: " in disabled.stdout
+    assert "trl-qrpo" not in disabled.stdout, "with the hook off, `trl env` is TRL's own"
 
 
 @pytest.fixture
@@ -398,7 +481,7 @@ def tiny_run(tmp_path, tiny_model_dir):
             learning_rate: 1.0e-3
             beta: 0.1
             bf16: false
-            gradient_checkpointing: false
+            activation_checkpointing: false
             eval_strategy: steps
             eval_steps: 2
             save_strategy: "no"
@@ -419,6 +502,9 @@ def test_trl_qrpo_trains_a_tiny_model(tiny_run, tiny_model_dir, tmp_path):
     result = run([str(BIN / "trl"), "qrpo", "--config", str(tiny_run), "--transform", "identity"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Training completed" in result.stdout
+    # The screen stays quiet: no list of accelerate defaults, no deprecation warning from the recipe's options.
+    assert "were not passed to `accelerate launch`" not in result.stderr
+    assert "is deprecated" not in result.stderr, result.stderr[-3000:]
     before = load_file(tiny_model_dir / "model.safetensors")
     after = load_file(tmp_path / "out" / "model.safetensors")
     assert before.keys() == after.keys()

@@ -69,6 +69,33 @@ def test_wrapper_falls_back_to_trls_list_on_any_error(monkeypatch, capsys):
     assert "trl_qrpo.cli is broken" in capsys.readouterr().err
 
 
+class EnvCommand(_Command):  # the class name TRL's `env` command has
+    help_text = "Print the environment information"
+
+
+def test_wrapper_swaps_trls_env_command_for_one_that_reports_trl_qrpo():
+    from trl.cli.commands.env import EnvCommand as TrlEnvCommand
+
+    from trl_qrpo.cli import QRPOEnvCommand
+
+    commands = _trl_hook.wrap_get_commands(lambda: [_Command("dpo"), EnvCommand("env")])()
+    assert [c.name for c in commands] == ["dpo", "env", "qrpo"]
+    assert isinstance(commands[1], QRPOEnvCommand) and commands[1].help_text == EnvCommand.help_text
+    assert TrlEnvCommand.__name__ == "EnvCommand", "the name the hook recognises TRL's command by"
+    other_env = _Command("env")  # some other `env` command: not ours to replace
+    assert _trl_hook.wrap_get_commands(lambda: [other_env])()[0] is other_env
+
+
+def test_env_swap_falls_back_to_trls_command_on_any_error(monkeypatch):
+    def broken(original):
+        raise ImportError("no QRPOEnvCommand")
+
+    monkeypatch.setattr(_trl_hook, "_make_env_command", broken)
+    trls = EnvCommand("env")
+    commands = _trl_hook.wrap_get_commands(lambda: [trls])()
+    assert commands[0] is trls and [c.name for c in commands] == ["env", "qrpo"], "`qrpo` is still added"
+
+
 # --------------------------------------------------------------------------------------------- the import finder
 
 

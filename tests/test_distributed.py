@@ -2,8 +2,9 @@
 
 Every multi-process run uses the shipped accelerate configs (recipes/accelerate_configs/) the way users do, with the
 GPU-only values overridden on the command line (`--num_processes 2 --mixed_precision no`, and the script's
-`--bf16 false`); QRPOConfig sees the missing GPU and sets gloo up (see `set_up_cpu_only_launch` in
-trl_qrpo/config.py). Against one process, in-process, on the same global batch (1 x 4 rows vs 2 x 2 rows, same seed,
+`--bf16 false`); the launcher (the training script, and tests/distributed_train.py the same way) sees the missing GPU
+and sets gloo up before the flags become a QRPOConfig (see `apply_cpu_only_launch_defaults` in
+trl_qrpo/distributed.py); QRPOConfig itself does nothing of the kind. Against one process, in-process, on the same global batch (1 x 4 rows vs 2 x 2 rows, same seed,
 so the same rows in every step):
 
 - `trl qrpo` (python -m trl_qrpo) with zero3_multinode.yaml, as 2 nodes of 1 process on localhost, started the way
@@ -338,19 +339,23 @@ def test_cpu_only_launch_defaults(monkeypatch, deepspeed, gpu, local_rank, prese
 
 
 def test_a_launch_whose_processes_did_not_join_is_refused(monkeypatch, tmp_path):
-    """Before QRPOConfig chose gloo, 2 launched processes each saw a 1-process accelerate state on a CPU machine."""
+    """Without the launcher's defaults, 2 launched processes each see a 1-process accelerate state on a CPU machine."""
     import torch
     from accelerate import PartialState
 
-    from trl_qrpo import QRPOConfig, config, distributed
+    from trl_qrpo import QRPOConfig, distributed
 
     _launch_env(monkeypatch)
-    monkeypatch.setattr(config, "set_up_cpu_only_launch", lambda args: None)  # what a plain DPOConfig does
+    monkeypatch.setattr(distributed, "_has_accelerator", lambda: False)
     # accelerate starts torch's default group (the other rank never comes here) and then counts 1 process anyway.
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda *args, **kwargs: None)
     try:
+        args = QRPOConfig(output_dir=str(tmp_path), bf16=False, report_to="none")  # what a plain DPOConfig does
+        # The config itself changes no launch setting (the launcher does, before building it) ...
+        assert (args.ddp_backend, args.use_cpu) == (None, False)
+        # ... and the launcher refuses the result.
         with pytest.raises(ValueError, match="2 processes were launched .* accelerate set up 1 process"):
-            QRPOConfig(output_dir=str(tmp_path), bf16=False, report_to="none")
+            distributed.check_every_launched_process_joined(args)
     finally:
         PartialState._reset_state()
     state = SimpleNamespace(distributed_state=SimpleNamespace(num_processes=2, distributed_type=_deepspeed_type()))
@@ -361,3 +366,35 @@ def _deepspeed_type():
     from accelerate.utils import DistributedType
 
     return DistributedType.DEEPSPEED
+
+
+@pytest.mark.parametrize(
+    "deepspeed, argv, yaml_text, expected",
+    [
+        (True, [], None, {"ddp_backend": "gloo"}),
+        (False, [], None, {"use_cpu": True}),
+        (True, ["--ddp_backend", "mpi"], None, {}),  # the user's choice, on the command line
+        (False, ["--use_cpu=true"], None, {}),
+        (False, ["--use_cpu", "false"], None, {"use_cpu": True}),  # the unset value
+        (True, [], "ddp_backend: ccl\n", {}),  # or in the YAML config
+        (False, [], "fsdp: full_shard\n", {}),  # FSDP: untouched
+        (False, ["--deepspeed", "ds.json"], None, {"ddp_backend": "gloo"}),  # torchrun --deepspeed: DeepSpeed too
+    ],
+)
+def test_launcher_defaults_from_the_command_line_and_yaml(monkeypatch, tmp_path, deepspeed, argv, yaml_text, expected):
+    from transformers import HfArgumentParser
+
+    from trl_qrpo import QRPOConfig, distributed
+
+    _launch_env(monkeypatch, deepspeed=deepspeed)
+    monkeypatch.setattr(distributed, "_has_accelerator", lambda: False)
+    if yaml_text is not None:
+        (tmp_path / "recipe.yaml").write_text(yaml_text)
+        argv = [*argv, "--config", str(tmp_path / "recipe.yaml")]
+    assert distributed.cpu_only_launch_defaults(argv) == expected
+    parser = HfArgumentParser(QRPOConfig)
+    assert distributed.apply_cpu_only_launch_defaults(parser, argv) == expected
+    for name, value in expected.items():  # the parser would build the config with them
+        assert parser.get_default(name) == value
+    _launch_env(monkeypatch, world_size=1, local_rank=False)  # a single process: nothing
+    assert distributed.cpu_only_launch_defaults(argv) == {}

@@ -86,7 +86,7 @@ def test_missing_vader_says_how_to_install_it(monkeypatch):
 def test_vader_sentiment_through_score_dataset():
     from datasets import Dataset
 
-    from trl_qrpo.reference import score_dataset
+    from trl_qrpo.precompute import ScoreConfig, score_dataset
 
     data = Dataset.from_dict(
         {
@@ -95,9 +95,31 @@ def test_vader_sentiment_through_score_dataset():
             "ref_completions": [[[{"role": "assistant", "content": text}] for text in ("Terrible.", "Fine.")]],
         }
     )
-    scored = score_dataset(data, reward_funcs=["trl_qrpo.rewards.vader_sentiment"])
+    scored = score_dataset(data, ScoreConfig(reward_funcs=["trl_qrpo.rewards.vader_sentiment"]))
     assert scored["reward"] == vader_sentiment(completions=data["completion"])
     assert scored["ref_rewards"] == [vader_sentiment(completions=data["ref_completions"][0])]
+
+
+# ------------------------------------------------------------------------------------------------ the recipes
+
+
+def test_quickstart_training_recipe_parses_without_deprecation_warnings(monkeypatch):
+    """The quick start's screen: none of its options is a deprecated alias (transformers 5 renamed
+    `gradient_checkpointing` to `activation_checkpointing` and warns at every use of the old name)."""
+    import warnings
+
+    from trl_qrpo.scripts.qrpo import make_parser
+
+    monkeypatch.chdir(REPO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        *parsed, _, _ = make_parser().parse_args_and_config(
+            ["--config", str(QUICKSTART / "qrpo.yaml")], return_remaining_strings=True, separate_remaining_strings=True
+        )
+    deprecated = [str(w.message) for w in caught if "deprecated" in str(w.message)]
+    assert deprecated == []
+    (config,) = [args for args in parsed if type(args).__name__ == "QRPOConfig"]
+    assert config.activation_checkpointing is False and config.gradient_checkpointing is False
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -174,6 +196,9 @@ def test_quickstart_raises_the_reward_of_the_policys_own_samples(tmp_path):
     assert report["policy"]["kl"] > 0
     assert report["num_samples"] == 12 * 4, "--small: 12 held-out prompts x 4 samples"
     assert "Reward of the policy's own samples" in result.stdout
+    # A quiet screen: no list of accelerate's defaults, no deprecated option, no model-loading bars.
+    for noise in ("were not passed to `accelerate launch`", "is deprecated", "Loading weights"):
+        assert noise not in result.stderr and noise not in result.stdout, noise
 
     # Run again: every step is found done and skipped.
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

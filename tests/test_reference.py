@@ -14,9 +14,11 @@ import torch
 from datasets import Dataset, load_from_disk
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from trl_qrpo.precompute import chunks as chunks_module
-from trl_qrpo.precompute.sampling import decode_completion, sample_seed, tokenize_prompt
-from trl_qrpo.reference import (
+from trl_qrpo.precompute import (
+    BuildOffPolicyConfig,
+    EvaluateConfig,
+    GenerateConfig,
+    ScoreConfig,
     build_offpolicy_dataset,
     evaluate_policy,
     generate_references,
@@ -25,6 +27,8 @@ from trl_qrpo.reference import (
     score_dataset,
     sequence_logps,
 )
+from trl_qrpo.precompute import chunks as chunks_module
+from trl_qrpo.precompute.sampling import decode_completion, sample_seed, tokenize_prompt
 from trl_qrpo.scripts.reference_cli import SUBCOMMANDS
 
 PROMPTS = [
@@ -75,7 +79,7 @@ def partial_reward(prompts, completions, **kwargs):
 @pytest.fixture(scope="module")
 def refs(tiny_model_dir):
     """A conversational dataset with references (in memory)."""
-    return generate_references(conversational_dataset(), str(tiny_model_dir), **GEN)
+    return generate_references(conversational_dataset(), GenerateConfig(model_name_or_path=str(tiny_model_dir), **GEN))
 
 
 def rows_of(dataset):
@@ -100,16 +104,21 @@ def test_generate_shapes_and_formats(refs, tiny_model_dir):
             if truncated:
                 assert num_tokens == GEN["max_new_tokens"]
 
-    plain = generate_references(plain_dataset(2), str(tiny_model_dir), **GEN)
+    plain = generate_references(plain_dataset(2), GenerateConfig(model_name_or_path=str(tiny_model_dir), **GEN))
     assert all(isinstance(ref, str) for row in plain["ref_completions"] for ref in row)
     assert plain["chosen"] == [" good day"] * 2  # the dataset's own columns are untouched
 
 
 def test_generate_is_seeded_per_completion(refs, tiny_model_dir):
     # Same seed, different batch size and chunking: same references (seeds are per row and sample, not a stream).
-    again = generate_references(conversational_dataset(), str(tiny_model_dir), **dict(GEN, batch_size=1, chunk_size=5))
+    again = generate_references(
+        conversational_dataset(),
+        GenerateConfig(model_name_or_path=str(tiny_model_dir), **dict(GEN, batch_size=1, chunk_size=5)),
+    )
     assert again["ref_completions"] == refs["ref_completions"]
-    other = generate_references(conversational_dataset(), str(tiny_model_dir), **dict(GEN, seed=8))
+    other = generate_references(
+        conversational_dataset(), GenerateConfig(model_name_or_path=str(tiny_model_dir), **dict(GEN, seed=8))
+    )
     assert other["ref_completions"] != refs["ref_completions"]
     # The three samples of one prompt differ from each other (independent seeds).
     assert any(len({r[0]["content"] for r in row}) > 1 for row in refs["ref_completions"])
@@ -118,7 +127,9 @@ def test_generate_is_seeded_per_completion(refs, tiny_model_dir):
 def test_generate_matches_model_distribution_tokens(tiny_model_dir):
     """The sampled tokens are the model's own: decoding them after the training-time prompt reproduces the text."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    out = generate_references(plain_dataset(2), str(tiny_model_dir), **dict(GEN, max_new_tokens=8))
+    out = generate_references(
+        plain_dataset(2), GenerateConfig(model_name_or_path=str(tiny_model_dir), **dict(GEN, max_new_tokens=8))
+    )
     row = out[0]
     prompt_ids = tokenize_prompt(tokenizer, row)
     assert prompt_ids == tokenizer(row["prompt"])["input_ids"]
@@ -142,7 +153,10 @@ def eos_loving_model(model_dir, bias=5.0):
 def test_generate_stops_at_eos_and_flags_truncation(tiny_model_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     out = generate_references(
-        conversational_dataset(), eos_loving_model(tiny_model_dir), tokenizer, **dict(GEN, max_new_tokens=4)
+        conversational_dataset(),
+        GenerateConfig(**dict(GEN, max_new_tokens=4)),
+        eos_loving_model(tiny_model_dir),
+        tokenizer,
     )
     flags = [t for row in out["ref_truncated"] for t in row]
     assert 0 < sum(flags) < len(flags)  # both kinds occur, deterministically under the seed
@@ -163,13 +177,18 @@ def test_generate_stops_at_eos_and_flags_truncation(tiny_model_dir):
 
 def test_generate_refuses_bad_input(tiny_model_dir):
     with pytest.raises(ValueError, match="'prompt'"):
-        generate_references(Dataset.from_dict({"text": ["a"]}), str(tiny_model_dir), **GEN)
+        generate_references(
+            Dataset.from_dict({"text": ["a"]}), GenerateConfig(model_name_or_path=str(tiny_model_dir), **GEN)
+        )
     with pytest.raises(ValueError, match="ref_completions"):
         generate_references(
-            Dataset.from_dict({"prompt": ["a"], "ref_completions": [["b"]]}), str(tiny_model_dir), **GEN
+            Dataset.from_dict({"prompt": ["a"], "ref_completions": [["b"]]}),
+            GenerateConfig(model_name_or_path=str(tiny_model_dir), **GEN),
         )
     with pytest.raises(ValueError, match="temperature"):
-        generate_references(plain_dataset(1), str(tiny_model_dir), **dict(GEN, temperature=0.0))
+        generate_references(
+            plain_dataset(1), GenerateConfig(model_name_or_path=str(tiny_model_dir), **dict(GEN, temperature=0.0))
+        )
 
 
 def test_generate_extracts_an_implicit_prompt(tiny_model_dir):
@@ -180,7 +199,7 @@ def test_generate_extracts_an_implicit_prompt(tiny_model_dir):
             "rejected": [conversation + [{"role": "assistant", "content": "bad"}]],
         }
     )
-    out = generate_references(data, str(tiny_model_dir), **GEN)
+    out = generate_references(data, GenerateConfig(model_name_or_path=str(tiny_model_dir), **GEN))
     assert out[0]["prompt"] == conversation and out[0]["chosen"] == [{"role": "assistant", "content": "good"}]
     assert len(out[0]["ref_completions"]) == 3
 
@@ -214,11 +233,13 @@ def test_vllm_path_with_a_stand_in_engine(tiny_model_dir, monkeypatch):
     data = conversational_dataset(2)
     out = generate_references(
         data,
-        str(tiny_model_dir),
-        backend="vllm",
-        dtype="bfloat16",
-        vllm_kwargs={"tensor_parallel_size": 2, "gpu_memory_utilization": 0.5},
-        **GEN,
+        GenerateConfig(
+            model_name_or_path=str(tiny_model_dir),
+            backend="vllm",
+            dtype="bfloat16",
+            vllm_kwargs={"tensor_parallel_size": 2, "gpu_memory_utilization": 0.5},
+            **GEN,
+        ),
     )
     model, kwargs = calls["init"]
     assert model == str(tiny_model_dir)
@@ -255,19 +276,27 @@ def test_killed_run_resumes_to_the_same_rows(tiny_model_dir, tmp_path, monkeypat
 
     monkeypatch.setattr(Dataset, "save_to_disk", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        generate_references(conversational_dataset(), str(tiny_model_dir), output_dir=str(out), **GEN)
+        generate_references(
+            conversational_dataset(),
+            GenerateConfig(model_name_or_path=str(tiny_model_dir), output_dir=str(out), **GEN),
+        )
     monkeypatch.setattr(Dataset, "save_to_disk", real_save)
     finished = sorted(p.name for p in (out / "chunks").iterdir())
     assert finished[0] == "chunk-000000" and any(".tmp-" in name for name in finished) and len(finished) == 2
     assert not read_manifest(out)["complete"]
 
-    resumed = generate_references(conversational_dataset(), str(tiny_model_dir), output_dir=str(out), **GEN)
+    resumed = generate_references(
+        conversational_dataset(), GenerateConfig(model_name_or_path=str(tiny_model_dir), output_dir=str(out), **GEN)
+    )
     assert rows_of(resumed) == rows_of(refs)
     assert read_manifest(out)["complete"] and not (out / "chunks").exists()
     assert rows_of(load_from_disk(str(out))) == rows_of(refs)
 
     with pytest.raises(ValueError, match="other settings"):  # a restart with other parameters is refused
-        generate_references(conversational_dataset(), str(tiny_model_dir), output_dir=str(out), **dict(GEN, seed=1))
+        generate_references(
+            conversational_dataset(),
+            GenerateConfig(model_name_or_path=str(tiny_model_dir), output_dir=str(out), **dict(GEN, seed=1)),
+        )
 
 
 def test_merged_shards_equal_unsharded_run(tiny_model_dir, tmp_path, refs):
@@ -275,7 +304,10 @@ def test_merged_shards_equal_unsharded_run(tiny_model_dir, tmp_path, refs):
     for index in (1, 0):  # any order
         d = tmp_path / f"shard{index}"
         part = generate_references(
-            conversational_dataset(), str(tiny_model_dir), output_dir=str(d), num_shards=2, shard_index=index, **GEN
+            conversational_dataset(),
+            GenerateConfig(
+                model_name_or_path=str(tiny_model_dir), output_dir=str(d), num_shards=2, shard_index=index, **GEN
+            ),
         )
         assert 0 < len(part) < len(PROMPTS)
         dirs.append(str(d))
@@ -292,11 +324,13 @@ def test_data_parallel_workers_equal_single_process(tiny_model_dir, tmp_path, re
     """Two worker processes (spawned, CPU) share the chunks; the assembled output is the single-process one."""
     out = generate_references(
         conversational_dataset(),
-        str(tiny_model_dir),
-        output_dir=str(tmp_path / "dp"),
-        data_parallel_size=2,
-        backend="transformers",
-        **GEN,
+        GenerateConfig(
+            model_name_or_path=str(tiny_model_dir),
+            output_dir=str(tmp_path / "dp"),
+            data_parallel_size=2,
+            backend="transformers",
+            **GEN,
+        ),
     )
     assert rows_of(out) == rows_of(refs)
 
@@ -315,7 +349,9 @@ def test_shard_plan_covers_every_row_once():
 
 
 def test_score_with_reward_model_matches_one_by_one(refs, tiny_reward_model_dir):
-    scored = score_dataset(refs, reward_model=str(tiny_reward_model_dir), batch_size=3, chunk_size=4)
+    scored = score_dataset(
+        refs, ScoreConfig(reward_model_name_or_path=str(tiny_reward_model_dir), reward_batch_size=3, chunk_size=4)
+    )
     assert "reward" in scored.column_names and "ref_rewards" in scored.column_names
     tokenizer = AutoTokenizer.from_pretrained(tiny_reward_model_dir)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model_dir).eval()
@@ -335,28 +371,28 @@ def test_score_with_reward_model_matches_one_by_one(refs, tiny_reward_model_dir)
 
 
 def test_score_with_reward_functions_and_weights(tiny_model_dir):
-    data = generate_references(plain_dataset(3), str(tiny_model_dir), **GEN)
+    data = generate_references(plain_dataset(3), GenerateConfig(model_name_or_path=str(tiny_model_dir), **GEN))
     data = data.add_column("source", ["s1", "s2", "s3"])
     scored = score_dataset(
-        data, reward_funcs=["test_reference.length_reward", source_reward], reward_weights=[1.0, 10.0]
+        data, ScoreConfig(reward_funcs=["test_reference.length_reward", source_reward], reward_weights=[1.0, 10.0])
     )
     for i, row in enumerate(scored):
         assert row["chosen_reward"] == len(" good day") + 10.0 * (i + 1)
         assert row["rejected_reward"] == len(" bad") + 10.0 * (i + 1)
         assert row["ref_rewards"] == [len(c) + 10.0 * (i + 1) for c in row["ref_completions"]]
     # A function returning None everywhere is skipped in the sum; alone, it is an error naming the column and row.
-    same = score_dataset(data, reward_funcs=[length_reward, partial_reward], columns=["chosen"])
+    same = score_dataset(data, ScoreConfig(reward_funcs=[length_reward, partial_reward], columns=["chosen"]))
     assert same["chosen_reward"] == [float(len(" good day"))] * 3
     with pytest.raises(ValueError, match=r"Column 'chosen', row 0"):
-        score_dataset(data, reward_funcs=[partial_reward], columns=["chosen"])
+        score_dataset(data, ScoreConfig(reward_funcs=[partial_reward], columns=["chosen"]))
     with pytest.raises(ValueError, match="reward weights"):
-        score_dataset(data, reward_funcs=[length_reward], reward_weights=[1.0, 2.0])
+        score_dataset(data, ScoreConfig(reward_funcs=[length_reward], reward_weights=[1.0, 2.0]))
 
 
 def test_score_names_the_bad_row():
     data = Dataset.from_dict({"prompt": ["a", "b"], "ref_completions": [["x", "y"], []]})
     with pytest.raises(ValueError, match=r"'ref_completions', row 1"):
-        score_dataset(data, reward_funcs=[length_reward])
+        score_dataset(data, ScoreConfig(reward_funcs=[length_reward]))
 
 
 # ---------------------------------------------------------------- off-policy rows
@@ -376,7 +412,7 @@ def offpolicy_input():
 
 
 def test_offpolicy_pointwise_keeps_own_reward_first():
-    rows = build_offpolicy_dataset(offpolicy_input(), "pointwise")
+    rows = build_offpolicy_dataset(offpolicy_input(), BuildOffPolicyConfig(mode="pointwise"))
     assert len(rows) == 8
     assert set(rows.column_names) == {
         "prompt",
@@ -398,7 +434,7 @@ def test_offpolicy_pointwise_keeps_own_reward_first():
 
 
 def test_offpolicy_best_worst_and_random_pairs():
-    pairs = build_offpolicy_dataset(offpolicy_input(), "best_worst", num_candidates=3)
+    pairs = build_offpolicy_dataset(offpolicy_input(), BuildOffPolicyConfig(mode="best_worst", num_candidates=3))
     first = pairs[0]  # candidates a, b, c with 0.3, 0.9, 0.1
     assert (first["chosen"], first["rejected"]) == ("b", "c")
     assert (first["chosen_reward"], first["rejected_reward"]) == (0.9, 0.1)
@@ -407,13 +443,21 @@ def test_offpolicy_best_worst_and_random_pairs():
     assert first["ref_rewards"] == [0.9, 0.1, 0.5, 0.3]
     assert pairs[1]["chosen"] == "g" and pairs[1]["rejected"] == "f"
 
-    random_pairs = build_offpolicy_dataset(offpolicy_input(), "random_pairs", seed=3)
-    assert random_pairs[:] == build_offpolicy_dataset(offpolicy_input(), "random_pairs", seed=3)[:]
+    random_pairs = build_offpolicy_dataset(offpolicy_input(), BuildOffPolicyConfig(mode="random_pairs", seed=3))
+    assert (
+        random_pairs[:]
+        == build_offpolicy_dataset(offpolicy_input(), BuildOffPolicyConfig(mode="random_pairs", seed=3))[:]
+    )
     for row in random_pairs:
         assert row["chosen_ref_index"] != row["rejected_ref_index"]
         assert row["chosen_reward"] >= row["rejected_reward"]
     draws = {
-        tuple(build_offpolicy_dataset(offpolicy_input(), "random_pairs", seed=s)["chosen_ref_index"]) for s in range(8)
+        tuple(
+            build_offpolicy_dataset(offpolicy_input(), BuildOffPolicyConfig(mode="random_pairs", seed=s))[
+                "chosen_ref_index"
+            ]
+        )
+        for s in range(8)
     }
     assert len(draws) > 1
 
@@ -423,7 +467,7 @@ def test_offpolicy_refuses_mismatched_lists():
         lambda r, i: {"ref_rewards": r["ref_rewards"][:3] if i == 1 else r["ref_rewards"]}, with_indices=True
     )
     with pytest.raises(ValueError, match="Row 1: 'ref_completions' has 4 entries but 'ref_rewards' has 3"):
-        build_offpolicy_dataset(bad, "pointwise")
+        build_offpolicy_dataset(bad, BuildOffPolicyConfig(mode="pointwise"))
 
 
 # ---------------------------------------------------------------- evaluate
@@ -433,13 +477,15 @@ def test_evaluate_policy_kl_and_logps(tiny_model_dir, tiny_reward_model_dir, tmp
     data = conversational_dataset(3)
     samples, summary = evaluate_policy(
         data,
-        str(tiny_model_dir),
-        str(tiny_model_dir),
-        reward_model=str(tiny_reward_model_dir),
-        num_samples=2,
-        max_new_tokens=6,
-        output_dir=str(tmp_path / "eval"),
-        chunk_size=2,
+        EvaluateConfig(
+            model_name_or_path=str(tiny_model_dir),
+            ref_model_name_or_path=str(tiny_model_dir),
+            reward_model_name_or_path=str(tiny_reward_model_dir),
+            num_samples=2,
+            max_new_tokens=6,
+            output_dir=str(tmp_path / "eval"),
+            chunk_size=2,
+        ),
     )
     assert len(samples) == 6 and summary["num_samples"] == 6 and summary["num_prompts"] == 3
     assert summary["kl"] == 0.0  # policy == reference: the log-ratio is exactly zero
@@ -471,12 +517,11 @@ def test_evaluate_policy_kl_and_logps(tiny_model_dir, tiny_reward_model_dir, tmp
             p.add_(0.05 * torch.randn_like(p))
     samples2, summary2 = evaluate_policy(
         data,
-        other,
-        str(tiny_model_dir),
+        EvaluateConfig(
+            ref_model_name_or_path=str(tiny_model_dir), reward_funcs=[length_reward], num_samples=2, max_new_tokens=6
+        ),
+        model=other,
         processing_class=tokenizer,
-        reward_funcs=[length_reward],
-        num_samples=2,
-        max_new_tokens=6,
     )
     assert any(abs(x) > 1e-3 for x in samples2["logratio"])
     assert summary2["kl"] == pytest.approx(sum(samples2["logratio"]) / 6)
@@ -588,12 +633,12 @@ def test_cli_evaluate(tiny_model_dir, tmp_path, capsys):
 def test_output_feeds_qrpo_trainer(refs, tiny_model_dir, tiny_reward_model_dir, tmp_path):
     from trl_qrpo import QRPOConfig, QRPOTrainer
 
-    scored = score_dataset(refs, reward_model=str(tiny_reward_model_dir))
+    scored = score_dataset(refs, ScoreConfig(reward_model_name_or_path=str(tiny_reward_model_dir)))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for name, train in {
         "scored": scored,  # the dataset's own completions, references for the quantiles
-        "pointwise": build_offpolicy_dataset(scored, "pointwise"),
-        "best_worst": build_offpolicy_dataset(scored, "best_worst"),
+        "pointwise": build_offpolicy_dataset(scored, BuildOffPolicyConfig(mode="pointwise")),
+        "best_worst": build_offpolicy_dataset(scored, BuildOffPolicyConfig(mode="best_worst")),
     }.items():
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
         args = QRPOConfig(

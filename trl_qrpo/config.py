@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from trl import DPOConfig
 
 from .data import SAMPLE_SELECTORS, SELF_INCLUSION
-from .distributed import check_every_launched_process_joined, set_up_cpu_only_launch
 from .losses import BASELINE_LOSS_TYPES, LOSS_TYPES, PARTITION_MODES, TIES
+
+
+def _accelerator_supports_bf16(use_cpu: bool) -> bool:
+    """Whether training runs on an accelerator that supports bf16: the check transformers makes before it accepts
+    `bf16=True` without `use_cpu` (CUDA with bf16 support, XPU, NPU, HPU, MPS on macOS 14+, TPU/XLA, ...)."""
+    import os
+
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    if use_cpu or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"):
+        return False
+    return bool(is_torch_bf16_gpu_available() or is_torch_xla_available())
+
+
+def _unused_by_qrpo(what: str) -> str:
+    return f"Unused by QRPO, which refuses a value other than the default: {what}."
 
 
 @dataclass
@@ -20,7 +36,15 @@ class QRPOConfig(DPOConfig):
     Subclasses [`~trl.DPOConfig`]: every DPO field still parses, so a DPO script or recipe ports by changing two
     names. The fields that would break QRPO's closed-form partition function or that assume a pairwise loss
     (`sync_ref_model`, `f_divergence_type` other than `"reverse_kl"`, `ld_alpha`, `use_weighting`, `loss_weights`,
-    `label_smoothing`, a DPO `loss_type`) are refused with an error that says why.
+    `label_smoothing`, a DPO `loss_type`) are refused with an error that says why, and so are non-default values of
+    the DPO fields that only tune what QRPO refuses or a DPO loss it does not have (`f_alpha_divergence_coef`,
+    `discopop_tau`, `ref_model_mixup_alpha`, `ref_model_sync_steps`): they would have no effect. `--help` says so
+    for each of them.
+
+    Building a QRPOConfig validates the transform (its name, import path or registration, its parameters, and for a
+    continuous partition function that its log Z at `beta` can be computed exactly) before any model or data is
+    loaded. It has no side effect beyond DPOConfig's own: multi-process launches on machines without a GPU are set
+    up by the launcher (`trl qrpo`; see `trl_qrpo.distributed`), not by the config.
 
     Parameters:
         > Parameters that control the QRPO objective
@@ -37,7 +61,10 @@ class QRPOConfig(DPOConfig):
         transform (`str`, *optional*, defaults to `"identity"`):
             Transform f applied to the quantile reward: `"identity"`, `"log"`, `"square"`, `"sqrt"`, `"normal-icdf"`,
             `"affine-normal-icdf"` (parameters `mu`, `sigma` in `transform_kwargs`), `"scaled-normal-icdf"`, any name
-            added with [`register_transform`], or an import path `"package.module:function"` (log Z by quadrature).
+            added with [`register_transform`] before the config is built, or an import path
+            `"package.module:function"` (log Z by quadrature). Checked when the config is built: an unknown name, an
+            import path that does not import, or a plain function whose log Z the quadrature cannot compute to 1e-7
+            at `beta` (such as Phi^-1 below beta 0.4) is an error.
         transform_kwargs (`dict`, *optional*):
             Parameters of the transform, e.g. `{"mu": 0.0, "sigma": 2.0}` for `"affine-normal-icdf"`.
         partition_mode (`str`, *optional*, defaults to `"continuous"`):
@@ -64,8 +91,22 @@ class QRPOConfig(DPOConfig):
         normalize_loss_by_length (`bool`, *optional*, defaults to `False`):
             Divide each completion's loss by its token count, as in the Apertus trainer.
 
+        > Parameters of TrainingArguments / DPOConfig whose default QRPO changes or which QRPO refuses
+
+        bf16 (`bool`, *optional*):
+            bf16 mixed precision. If not set: `True` when `fp16` is not set and the run uses an accelerator that
+            supports bf16 (CUDA with bf16 support, i.e. Ampere or newer; XPU, NPU, HPU, MPS on macOS 14+, TPU), else
+            `False` (a CPU, `use_cpu=True`, or `ACCELERATE_USE_CPU`). An explicit `bf16=True` on a machine without
+            such an accelerator gets transformers' error, unless `use_cpu=True`.
+        loss_weights, ld_alpha, f_divergence_type, label_smoothing, use_weighting, sync_ref_model:
+            Refused (any value other than DPO's default is an error): see each field's help.
+        f_alpha_divergence_coef, discopop_tau, ref_model_mixup_alpha, ref_model_sync_steps:
+            Unused by QRPO; a value other than DPO's default is refused.
+
     > [!NOTE]
-    > Defaults that differ from [`~trl.DPOConfig`]: `beta` is `1e-3` instead of `0.1`, `loss_type` is `"mse"`.
+    > Defaults that differ from [`~trl.DPOConfig`]: `beta` is `1e-3` instead of `0.1`, `loss_type` is `"mse"`, and
+    > `bf16` is `True` only on an accelerator with bf16 support (DPOConfig: whenever `fp16` is not set, which fails on
+    > a CPU with "Your setup doesn't support bf16/gpu").
     """
 
     _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["transform_kwargs"]
@@ -140,14 +181,117 @@ class QRPOConfig(DPOConfig):
         metadata={"help": "Divide each completion's loss by its token count, as in the Apertus trainer."},
     )
 
+    # TrainingArguments / DPOConfig fields: a default that depends on the hardware, and DPO's fields QRPO refuses.
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision. Default (unset): True when fp16 is not set and the run uses an accelerator "
+            "that supports bf16 (CUDA Ampere or newer, XPU, NPU, HPU, MPS on macOS 14+, TPU), else False (CPU, "
+            "use_cpu, ACCELERATE_USE_CPU). An explicit True without such an accelerator is an error unless use_cpu."
+        },
+    )
+    loss_weights: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Refused by QRPO (must stay unset): it weights several DPO loss types; QRPO has a single "
+            "regression loss."
+        },
+    )
+    ld_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "Refused by QRPO (must stay unset): LD-DPO's weighting of the tokens past a chosen/rejected "
+            "pair's shared length; QRPO trains each completion alone, and the weighting would break the exact log Z."
+        },
+    )
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata={
+            "help": "Refused by QRPO unless 'reverse_kl' (the default): QRPO's closed-form partition function is "
+            "that of the reverse-KL-regularised objective; f-DPO's other divergences have none."
+        },
+    )
+    f_alpha_divergence_coef: float = field(
+        default=0.5,
+        metadata={
+            "help": _unused_by_qrpo(
+                "the alpha of f-DPO's alpha-divergence, which only applies with f_divergence_type='alpha_divergence' "
+                "(refused)"
+            )
+        },
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata={
+            "help": "Refused by QRPO unless 0.0 (the default): Robust DPO's / EXO's smoothing of preference labels; "
+            "QRPO has no preference labels (each completion has a reward)."
+        },
+    )
+    use_weighting: bool = field(
+        default=False,
+        metadata={
+            "help": "Refused by QRPO unless False (the default): WPO's weighting of preference pairs; QRPO has no "
+            "pairwise loss, and reweighting completions would break the exact log Z."
+        },
+    )
+    discopop_tau: float = field(
+        default=0.05,
+        metadata={"help": _unused_by_qrpo("the temperature of DPO's 'discopop' loss type, which QRPO does not have")},
+    )
+    sync_ref_model: bool = field(
+        default=False,
+        metadata={
+            "help": "Refused by QRPO unless False (the default): TR-DPO's updates of the reference model; the "
+            "reference must stay the policy that produced the reference rewards, or the quantiles and the partition "
+            "function no longer describe it."
+        },
+    )
+    ref_model_mixup_alpha: float = field(
+        default=0.6,
+        metadata={
+            "help": _unused_by_qrpo("TR-DPO's mixing weight, which only applies with sync_ref_model=True (refused)")
+        },
+    )
+    ref_model_sync_steps: int = field(
+        default=512,
+        metadata={
+            "help": _unused_by_qrpo(
+                "TR-DPO's synchronisation interval, which only applies with sync_ref_model=True (refused)"
+            )
+        },
+    )
+
+    # DPO fields QRPO refuses whenever they differ from DPO's default, with the reason given in the error.
+    _REFUSED_DPO_FIELDS: ClassVar[dict[str, tuple[Any, str]]] = {
+        "sync_ref_model": (
+            False,
+            (
+                "the reference must stay the policy that produced the reference rewards, or the quantiles and the "
+                "partition function no longer describe it"
+            ),
+        ),
+        "f_divergence_type": (
+            "reverse_kl",
+            "QRPO's closed-form partition function is that of the reverse-KL-regularised objective",
+        ),
+        "ld_alpha": (None, "it reweights a chosen/rejected pair's tokens"),
+        "use_weighting": (False, "WPO weighting is defined for preference pairs"),
+        "loss_weights": (None, "QRPO has a single loss"),
+        "label_smoothing": (0.0, "it applies to preference labels, which QRPO has none of"),
+        "f_alpha_divergence_coef": (0.5, "it only tunes f_divergence_type='alpha_divergence', which QRPO refuses"),
+        "discopop_tau": (0.05, "it only tunes DPO's 'discopop' loss type, which QRPO does not have"),
+        "ref_model_mixup_alpha": (0.6, "it only tunes sync_ref_model=True, which QRPO refuses"),
+        "ref_model_sync_steps": (512, "it only tunes sync_ref_model=True, which QRPO refuses"),
+    }
+
     def __post_init__(self):
         if isinstance(self.transform_kwargs, str):
             import json
 
             self.transform_kwargs = json.loads(self.transform_kwargs)
-        set_up_cpu_only_launch(self)
+        if self.bf16 is None:  # DPOConfig would make it `not fp16`, which fails on a CPU
+            self.bf16 = not self.fp16 and _accelerator_supports_bf16(self.use_cpu)
         super().__post_init__()
-        check_every_launched_process_joined(self)
         loss_type = self.loss_type
         if len(loss_type) != 1 or loss_type[0] not in LOSS_TYPES + BASELINE_LOSS_TYPES:
             raise ValueError(
@@ -170,24 +314,52 @@ class QRPOConfig(DPOConfig):
             raise ValueError(f"beta must be positive, got {self.beta}.")
         if self.num_ref_rewards is not None and self.num_ref_rewards < 1:
             raise ValueError(f"num_ref_rewards must be at least 1, got {self.num_ref_rewards}.")
-        refused = {
-            "sync_ref_model": (
-                self.sync_ref_model,
-                "the reference must stay the policy that produced the reference rewards, or the quantiles and the "
-                "partition function no longer describe it",
-            ),
-            "f_divergence_type": (
-                self.f_divergence_type != "reverse_kl",
-                "QRPO's closed-form partition function is that of the reverse-KL-regularised objective",
-            ),
-            "ld_alpha": (self.ld_alpha is not None, "it reweights a chosen/rejected pair's tokens"),
-            "use_weighting": (self.use_weighting, "WPO weighting is defined for preference pairs"),
-            "loss_weights": (self.loss_weights is not None, "QRPO has a single loss"),
-            "label_smoothing": (
-                self.label_smoothing != 0.0,
-                "it applies to preference labels, which QRPO has none of",
-            ),
-        }
-        for name, (is_set, reason) in refused.items():
-            if is_set:
-                raise ValueError(f"QRPO does not support `{name}` ({reason}). Remove it from the config.")
+        for name, (default, reason) in self._REFUSED_DPO_FIELDS.items():
+            value = getattr(self, name)
+            if value != default:
+                raise ValueError(
+                    f"QRPO does not support `{name}` (got {value!r}; {reason}). Remove it from the config (QRPO "
+                    f"accepts only DPO's default, {default!r})."
+                )
+        self._check_transform()
+
+    def _check_transform(self) -> None:
+        """Resolve the transform as the trainer will, so that a bad one fails before any model or data is loaded."""
+        from .transforms import CallableTransform, get_transform, list_transforms
+
+        name, params = self.transform, self.transform_kwargs or {}
+        known = ", ".join(repr(n) for n in list_transforms())
+        if isinstance(name, str) and ":" not in name and name not in list_transforms():
+            raise ValueError(
+                f"transform={name!r} is not a known transform. Known names: {known}. Set `transform` to one of them, "
+                "register yours with trl_qrpo.register_transform(name, function_or_Transform) before building the "
+                "QRPOConfig, or give an import path 'package.module:function'."
+            )
+        try:
+            transform = get_transform(name, **params)
+        except ValueError as e:
+            field_name = "transform_kwargs" if params and "Invalid parameters" in str(e) else "transform"
+            value = params if field_name == "transform_kwargs" else name
+            raise ValueError(
+                f"{field_name}={value!r} is refused: {e} Known transform names: {known}. Fix `{field_name}` (an "
+                "import path 'package.module:function' must import from where training runs)."
+            ) from e
+        if self.partition_mode != "continuous" or transform.per_prompt:
+            return  # the discrete log Z is a finite sum; per-prompt transforms get their parameters from the data
+        betas = [self.beta]
+        if self.normalize_beta_by_length and self.max_length:
+            betas.append(self.beta / self.max_length)  # the smallest per-completion beta
+        for beta in betas:
+            try:
+                log_z = transform.log_partition(beta)
+            except ValueError as e:
+                kind = "a plain function (log Z by quadrature)" if isinstance(transform, CallableTransform) else ""
+                raise ValueError(
+                    f"transform={name!r}{' is ' + kind if kind else ''} cannot be used at beta={beta:g}"
+                    f"{' (beta / max_length, normalize_beta_by_length)' if beta != self.beta else ''}: {e}"
+                ) from e
+            if not math.isfinite(float(log_z)):
+                raise ValueError(
+                    f"transform={name!r} has log Z = {log_z} at beta={beta:g}: its partition function must be "
+                    "finite. Fix the transform's log_partition, or use another transform or beta."
+                )

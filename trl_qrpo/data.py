@@ -1,6 +1,6 @@
-"""QRPO data columns: names and aliases, validation, quantiles per batch, pairs -> rows, targets per batch.
+"""QRPO data preparation: layouts and aliases, validation, quantiles and sides, target lengths, targets.
 
-Two input layouts are accepted (documented in the README):
+Two input layouts are accepted (documented in the README; column names in :mod:`trl_qrpo.columns`):
 
 - pointwise: ``prompt``, ``completion``, ``reward``, ``ref_rewards`` (list of the reference completions' rewards);
 - paired: ``prompt``, ``chosen``, ``rejected``, ``chosen_reward``, ``rejected_reward``, ``ref_rewards``.
@@ -14,39 +14,66 @@ After :func:`quantile_batch`, every row holds a list of k completions (k = 1 for
 each. Each completion is its own regression example; the two sides of a pair stay in the same row only so that a
 batch of B rows means B pairs, as in DPO, and the chosen/rejected accuracy can be logged.
 
-Everything here works on batches (dicts of lists) with numpy/torch inside, so it runs through ``datasets.map`` on
-map-style and iterable datasets alike. Nothing here imports a trainer.
+:func:`quantile_batch` and :func:`target_batch` take and return Arrow tables (``datasets.map`` on a dataset with
+``.with_format("arrow")``, map-style or iterable): the reward columns and the reference-reward lists are read as
+numpy arrays straight from Arrow (one ``[rows, n]`` matrix when the lists have equal lengths, NaN-padded when not)
+and the new columns are written as Arrow arrays, never as Python lists.
+
+Transforms that depend on the prompt (``Transform.per_prompt``) get their parameters through ``Transform.fit`` (the
+training set's reference rewards, :func:`fit_transform`) and ``Transform.for_prompts`` (a batch's): this module
+keeps the ``ref_rewards`` column until targets are computed for them, and knows no transform's formula.
+
+Bad input is refused before training with the column, the rows and the fix: missing, non-finite or non-numeric
+rewards, rewards stored as text (refused, with the cast that fixes it: a text column is most often a CSV read
+without types, and a silent conversion would hide a ``"high"`` further down), empty prompts, empty reference lists.
+Nothing here imports a trainer or TRL.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
-from .losses import qrpo_targets, quantile_rewards
-from .transforms import ScaledNormalICDF, Transform
+from .columns import (
+    ALIASES,
+    BETA,
+    BETA_LOG_Z,
+    CHOSEN,
+    COMPLETION,
+    COMPLETION_IDS,
+    COMPLETIONS,
+    IN_REFS,
+    NUM_REFS,
+    PAIRED_SIDES,
+    POINTWISE_SIDES,
+    PROMPT,
+    PROMPT_IDS,
+    QUANTILE,
+    REF_REWARDS,
+    REJECTED,
+    REWARD,
+    TARGET,
+    in_refs_column,
+    quantile_column,
+    reward_column,
+)
+from .losses import constant_references_message, qrpo_targets, quantile_rewards
+from .transforms import Transform
 
 POINTWISE = "pointwise"
 PAIRED = "paired"
 SAMPLE_SELECTORS = ("both", "chosen", "rejected", "random")
 SELF_INCLUSION = ("leave_one_out", "keep")
+BATCH_SIZE = 10_000  # rows per batch of the quantile and target maps (random ties and sides are seeded per batch)
 
-# canonical name -> accepted aliases (TRL's UltraFeedback data uses score_chosen / score_rejected; the QRPO authors'
-# data uses chosen_rewards / rejected_rewards and *_quantile_reward).
-ALIASES = {
-    "reward": ("score", "rewards"),
-    "chosen_reward": ("score_chosen", "chosen_rewards", "chosen_score"),
-    "rejected_reward": ("score_rejected", "rejected_rewards", "rejected_score"),
-    "ref_rewards": ("reference_rewards",),
-    "quantile": ("quantile_reward",),
-    "chosen_quantile": ("chosen_quantile_reward", "chosen_quantile_rewards"),
-    "rejected_quantile": ("rejected_quantile_reward", "rejected_quantile_rewards"),
-}
-
-# Columns made by preparation (the prepared dataset keeps only these and the tokenized ids).
-PREPARED_COLUMNS = ("completions", "reward", "quantile", "num_refs", "in_refs", "ref_std")
+# Columns made by preparation that the target step consumes (the prepared dataset keeps the tokenized ids, reward,
+# quantile and the targets).
+INTERMEDIATE_COLUMNS = (COMPLETIONS, NUM_REFS, IN_REFS)
 
 _FIX_REF = (
     "Every row needs the rewards of the reference model's own completions for its prompt (the `ref_rewards` list, "
@@ -65,16 +92,24 @@ class Layout:
 
     @property
     def sides(self) -> tuple[str, ...]:
-        return ("completion",) if self.kind == POINTWISE else ("chosen", "rejected")
+        return POINTWISE_SIDES if self.kind == POINTWISE else PAIRED_SIDES
 
     def reward_column(self, side: str) -> str:
-        return "reward" if side == "completion" else f"{side}_reward"
+        return reward_column(side)
 
     def quantile_column(self, side: str) -> str:
-        return "quantile" if side == "completion" else f"{side}_quantile"
+        return quantile_column(side)
 
     def in_refs_column(self, side: str) -> str:
-        return "in_ref_rewards" if side == "completion" else f"{side}_in_ref_rewards"
+        return in_refs_column(side)
+
+
+def consumed_columns(layout: Layout) -> set[str]:
+    """Input columns the quantile step replaces by the prepared columns."""
+    consumed = {REF_REWARDS, *layout.sides}
+    for side in layout.sides:
+        consumed |= {reward_column(side), quantile_column(side), in_refs_column(side)}
+    return consumed
 
 
 def alias_renames(column_names: list[str]) -> dict[str, str]:
@@ -112,24 +147,24 @@ def shadowed_aliases(column_names: list[str]) -> dict[str, str]:
 def detect_layout(column_names: list[str]) -> Layout:
     """Pointwise or paired, with or without reference rewards / precomputed quantiles (canonical names)."""
     cols = set(column_names)
-    if "chosen" in cols and "rejected" in cols:
+    if CHOSEN in cols and REJECTED in cols:
         kind = PAIRED
-    elif "completion" in cols:
+    elif COMPLETION in cols:
         kind = POINTWISE
     else:
         raise ValueError(
-            f"QRPO needs either a 'completion' column (pointwise data) or 'chosen' and 'rejected' columns (paired "
-            f"data); the dataset has {sorted(cols)}."
+            f"QRPO needs either a '{COMPLETION}' column (pointwise data) or '{CHOSEN}' and '{REJECTED}' columns "
+            f"(paired data); the dataset has {sorted(cols)}."
         )
-    layout = Layout(kind, "ref_rewards" in cols, False, False)
+    layout = Layout(kind, REF_REWARDS in cols, False, False)
     needed = []
-    quantile_cols = [layout.quantile_column(s) for s in layout.sides]
+    quantile_cols = [quantile_column(s) for s in layout.sides]
     layout.has_quantile = all(c in cols for c in quantile_cols)
-    layout.has_in_refs = any(layout.in_refs_column(s) in cols for s in layout.sides)
+    layout.has_in_refs = any(in_refs_column(s) in cols for s in layout.sides)
     if not layout.has_ref_rewards and not layout.has_quantile:
-        raise ValueError(f"The dataset has no 'ref_rewards' column (nor {quantile_cols}). " + _FIX_REF)
+        raise ValueError(f"The dataset has no '{REF_REWARDS}' column (nor {quantile_cols}). " + _FIX_REF)
     if layout.has_ref_rewards:
-        needed += [layout.reward_column(s) for s in layout.sides]
+        needed += [reward_column(s) for s in layout.sides]
     missing = [c for c in needed if c not in cols]
     if missing:
         aliases = {c: ALIASES.get(c, ()) for c in missing}
@@ -137,68 +172,237 @@ def detect_layout(column_names: list[str]) -> Layout:
             f"Missing reward column(s) {missing} (accepted aliases: {aliases}). Score the completions with "
             "`trl qrpo score` or add the rewards."
         )
-    if "prompt" not in cols and kind == POINTWISE:
-        raise ValueError("Pointwise QRPO data needs a 'prompt' column next to 'completion'.")
+    if PROMPT not in cols and kind == POINTWISE:
+        raise ValueError(f"Pointwise QRPO data needs a '{PROMPT}' column next to '{COMPLETION}'.")
     return layout
 
 
-def _rows_message(rows: np.ndarray, limit: int = 5) -> str:
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading and validating Arrow columns
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _rows_message(rows, limit: int = 5) -> str:
     rows = [int(r) for r in rows]
     shown = ", ".join(str(r) for r in rows[:limit])
     more = f" (and {len(rows) - limit} more)" if len(rows) > limit else ""
     return f"row{'s' if len(rows) > 1 else ''} {shown}{more}"
 
 
-def _float_column(batch: dict, column: str, indices: np.ndarray) -> np.ndarray:
-    values = batch[column]
-    out = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+def _array(batch: pa.Table, column: str) -> pa.Array:
+    values = batch.column(column)
+    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+
+
+def _is_text(type_: pa.DataType) -> bool:
+    return pa.types.is_string(type_) or pa.types.is_large_string(type_)
+
+
+def _is_number(type_: pa.DataType) -> bool:
+    return (
+        pa.types.is_integer(type_)
+        or pa.types.is_floating(type_)
+        or pa.types.is_boolean(type_)
+        or pa.types.is_decimal(type_)
+        or pa.types.is_null(type_)
+    )
+
+
+def _refuse_text(column: str, values: list, rows: np.ndarray, what: str):
+    """Rewards stored as text: name the non-numbers if there are any, else give the cast that converts the column."""
+
+    def is_number(v):
+        try:
+            float(v)
+            return True
+        except (TypeError, ValueError):
+            return False
+
+    bad = [i for i, v in enumerate(values) if v is not None and not is_number(v)]
+    if bad:
+        raise ValueError(
+            f"Column '{column}', {_rows_message(rows[bad])}: the {what} {values[bad[0]]!r} is not a number. Rewards "
+            "must be numbers: map these values to numbers (e.g. a rating scale to floats) or drop these rows before "
+            "training."
+        )
+    example = next((i for i, v in enumerate(values) if v is not None), 0)
+    feature = "Value('float64')" if what == "reward" else "List(Value('float64'))"
+    raise ValueError(
+        f"Column '{column}' holds its {what}s as text (e.g. {values[example]!r} in {_rows_message(rows[[example]])}), "
+        "not numbers. QRPO does not convert them silently: cast the column first, e.g. "
+        f"`dataset = dataset.cast_column('{column}', {feature})` (from datasets import Value, List)."
+    )
+
+
+def float_column(batch: pa.Table, column: str, rows: np.ndarray, what: str = "reward") -> np.ndarray:
+    """A numeric column as float64 numpy (None -> NaN); text and other non-numeric columns are refused."""
+    values = _array(batch, column)
+    if _is_text(values.type):
+        _refuse_text(column, values.to_pylist(), rows, what)
+    if not _is_number(values.type):
+        raise ValueError(
+            f"Column '{column}' holds {values.type} values; a {what} must be one number per row. Fix the column "
+            "before training."
+        )
+    return values.cast(pa.float64()).to_numpy(zero_copy_only=False)
+
+
+def finite_column(batch: pa.Table, column: str, rows: np.ndarray) -> np.ndarray:
+    out = float_column(batch, column, rows)
     bad = ~np.isfinite(out)
     if bad.any():
+        value = batch.column(column)[int(np.argmax(bad))].as_py()
         raise ValueError(
-            f"Column '{column}', {_rows_message(indices[bad])}: the reward is missing or not finite "
-            f"({values[int(np.argmax(bad))]!r}). Rewards must be finite numbers: re-score these completions or drop "
-            "these rows before training."
+            f"Column '{column}', {_rows_message(rows[bad])}: the reward is missing or not finite ({value!r}). "
+            "Rewards must be finite numbers: re-score these completions or drop these rows before training."
         )
     return out
 
 
-def _ref_matrix(batch: dict, indices: np.ndarray, num_ref_rewards: int | None) -> np.ndarray:
-    """The batch's reference rewards as an [N, n] float64 matrix (NaN-padded), validated row by row."""
-    lists = batch["ref_rewards"]
-    lengths = np.array([0 if v is None else len(v) for v in lists])
+def list_lengths(values: pa.Array) -> np.ndarray:
+    """Lengths of a list column (a missing list counts 0), int64 numpy."""
+    return pc.fill_null(pc.list_value_length(values), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def ref_matrix(batch: pa.Table, rows: np.ndarray, num_ref_rewards: int | None, column: str = REF_REWARDS):
+    """The reference rewards as a float64 ``[N, n]`` matrix (NaN-padded), validated, and the list lengths ``[N]``.
+
+    Equal-length lists are read as one reshaped array from Arrow (no Python objects); ragged lists are scattered into
+    a NaN-padded matrix, also vectorised.
+    """
+    values = _array(batch, column)
+    if not (pa.types.is_list(values.type) or pa.types.is_large_list(values.type)) and not pa.types.is_fixed_size_list(
+        values.type
+    ):
+        raise ValueError(
+            f"Column '{column}' holds {values.type} values; it needs one list of reference rewards per row. "
+            + _FIX_REF
+        )
+    lengths = list_lengths(values)
     empty = lengths == 0
     if empty.any():
-        raise ValueError(f"Column 'ref_rewards', {_rows_message(indices[empty])}: the list is empty. " + _FIX_REF)
+        raise ValueError(f"Column '{column}', {_rows_message(rows[empty])}: the list is empty. " + _FIX_REF)
     if num_ref_rewards is not None:
         short = lengths < num_ref_rewards
         if short.any():
             raise ValueError(
-                f"Column 'ref_rewards', {_rows_message(indices[short])}: the list has {int(lengths[short][0])} "
+                f"Column '{column}', {_rows_message(rows[short])}: the list has {int(lengths[short][0])} "
                 f"reward(s), fewer than num_ref_rewards={num_ref_rewards}. Lower num_ref_rewards, or generate and "
                 "score more reference completions for these prompts."
             )
+    flat = values.flatten()
+    if _is_text(flat.type):
+        _refuse_text(column, values.to_pylist(), rows, "reference reward")  # names rows, not list positions
+    if not _is_number(flat.type):
+        raise ValueError(f"Column '{column}' holds lists of {flat.type}; reference rewards must be numbers.")
+    flat = flat.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    n_rows = len(lengths)
     width = int(lengths.max()) if num_ref_rewards is None else num_ref_rewards
-    matrix = np.full((len(lists), width), np.nan)
-    if (lengths == width).all() or num_ref_rewards is not None:
-        try:
-            matrix[:] = np.array([v[:width] for v in lists], dtype=np.float64)
-        except (TypeError, ValueError):
-            matrix[:] = np.array([[np.nan if x is None else x for x in v[:width]] for v in lists], dtype=np.float64)
+    if n_rows and (lengths == lengths[0]).all():
+        matrix = flat.reshape(n_rows, int(lengths[0]))[:, :width]
     else:
-        for i, v in enumerate(lists):
-            matrix[i, : len(v)] = [np.nan if x is None else x for x in v]
+        matrix = np.full((n_rows, width), np.nan)
+        row_of = np.repeat(np.arange(n_rows), lengths)
+        position = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        keep = position < width
+        matrix[row_of[keep], position[keep]] = flat[keep]
     filled = np.arange(width)[None, :] < np.minimum(lengths, width)[:, None]
     bad = (~np.isfinite(matrix) & filled).any(axis=1)
     if bad.any():
         raise ValueError(
-            f"Column 'ref_rewards', {_rows_message(indices[bad])}: the list holds a missing or non-finite reward. "
+            f"Column '{column}', {_rows_message(rows[bad])}: the list holds a missing or non-finite reward. "
             "Re-score these reference completions or drop these rows before training."
         )
-    return matrix
+    return matrix, lengths
+
+
+def check_prompts(batch: pa.Table, rows: np.ndarray):
+    """Refuse missing and empty prompts (an empty string or an empty list of messages)."""
+    if PROMPT not in batch.column_names:
+        return
+    values = _array(batch, PROMPT)
+    if _is_text(values.type):
+        empty = pc.fill_null(pc.equal(pc.utf8_length(values), 0), True)
+    elif pa.types.is_list(values.type) or pa.types.is_large_list(values.type):
+        empty = pc.equal(pc.fill_null(pc.list_value_length(values), 0), 0)
+    else:
+        return
+    empty = empty.to_numpy(zero_copy_only=False)
+    if empty.any():
+        raise ValueError(
+            f"Column '{PROMPT}', {_rows_message(rows[empty])}: the prompt is empty. A QRPO target is the quantile of "
+            "a reward among the reference rewards of the same prompt, and the first token of a sequence has no "
+            "log-probability: fill in the prompt these completions answer, or drop these rows before training."
+        )
+
+
+def check_references(table: pa.Table, num_ref_rewards: int | None, dataset_name: str = "train"):
+    """Warn once per data set: reference lists of different lengths, and rows whose references are all equal.
+
+    ``table`` holds the whole data set's ``ref_rewards`` column (Arrow). Errors are left to :func:`quantile_batch`.
+    """
+    values = _array(table, REF_REWARDS)
+    lengths = list_lengths(values)
+    if not len(lengths) or (lengths == 0).any():
+        return
+    low, high = int(lengths.min()), int(lengths.max())
+    if num_ref_rewards is None and low != high:
+        differ = int((lengths != np.bincount(lengths).argmax()).sum())
+        warnings.warn(
+            f"The {dataset_name} dataset's reference-reward lists have different lengths ({low} to {high} rewards; "
+            f"{differ} of {len(lengths)} rows differ from the most common length): each quantile is taken over its "
+            f"own row's references, so rows have different resolutions. Set num_ref_rewards (e.g. {low}) to use the "
+            "first n rewards of every row.",
+            stacklevel=2,
+        )
+    try:
+        matrix, lengths = ref_matrix(table, np.arange(len(lengths)), num_ref_rewards)
+    except ValueError:
+        return  # refused with its message by the quantile step
+    if matrix.shape[1] < 2:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ragged = bool(np.isnan(matrix).any())
+        lowest = np.nanmin(matrix, axis=1) if ragged else matrix.min(axis=1)
+        highest = np.nanmax(matrix, axis=1) if ragged else matrix.max(axis=1)
+    constant = (lowest == highest) & (np.minimum(lengths, matrix.shape[1]) > 1)
+    if constant.any():
+        warnings.warn(
+            f"The {dataset_name} dataset: " + constant_references_message(np.flatnonzero(constant), len(constant)),
+            stacklevel=2,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Quantiles and sides
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing the array's memory (read-only Arrow buffers included: nothing here writes to it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _list_array(values: np.ndarray | pa.Array, k: int, n_rows: int) -> pa.Array:
+    offsets = pa.array(np.arange(0, (n_rows + 1) * k, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, values if isinstance(values, pa.Array) else pa.array(values.ravel()))
+
+
+def _completions(batch: pa.Table, sides: tuple[str, ...], keep: np.ndarray) -> pa.Array:
+    """Per row the completions of the kept sides (``keep`` is ``[N, k]`` side indices), as a list column."""
+    arrays = [_array(batch, side) for side in sides]
+    arrays = [a if a.type == arrays[0].type else a.cast(arrays[0].type) for a in arrays]
+    stacked = arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
+    n_rows, k = keep.shape
+    order = (keep * n_rows + np.arange(n_rows)[:, None]).ravel()
+    return _list_array(stacked.take(pa.array(order)), k, n_rows)
 
 
 def quantile_batch(
-    batch: dict,
+    batch: pa.Table,
     indices: list[int],
     layout: Layout,
     num_ref_rewards: int | None,
@@ -206,61 +410,64 @@ def quantile_batch(
     sample_selector: str,
     self_inclusion: str,
     seed: int,
-) -> dict:
-    """Validate a batch, compute each completion's quantile and select the sides that become training examples.
+    keep_ref_rewards: bool = False,
+    warn: bool = True,
+) -> pa.Table:
+    """Validate a batch (an Arrow table), compute each completion's quantile and select the sides that stay.
 
-    Returns the new per-row columns: ``completions`` (k completions), ``reward``, ``quantile``, ``num_refs``,
-    ``in_refs``, each a list of k values (chosen first for pairs), and ``ref_std`` (the
-    standard deviation of the row's reference rewards, for the scaled-normal-icdf transform).
+    Returns the batch with its side, reward, quantile and reference columns replaced by ``completions`` (k
+    completions), ``reward``, ``quantile``, ``num_refs`` and ``in_refs``, each a list of k values (chosen first for
+    pairs). ``keep_ref_rewards`` keeps ``ref_rewards`` for a per-prompt transform's ``for_prompts``; ``warn`` warns
+    about rows whose references are all equal (map-style data sets are checked once by :func:`check_references`).
     """
-    indices = np.asarray(indices)
-    n_rows = len(indices)
+    rows = np.asarray(indices, dtype=np.int64)
+    n_rows = len(rows)
     sides = layout.sides
+    check_prompts(batch, rows)
     # Randomness (random ties, random side) is seeded by the batch's first row, so it does not depend on the order
     # in which batches are processed.
-    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(indices[0]) if n_rows else int(seed))
+    generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(rows[0]) if n_rows else int(seed))
 
     in_refs = np.zeros((n_rows, len(sides)), dtype=bool)
     if layout.has_in_refs:
         for j, side in enumerate(sides):
-            column = layout.in_refs_column(side)
-            if column in batch:
-                in_refs[:, j] = [bool(v) for v in batch[column]]
+            if in_refs_column(side) in batch.column_names:
+                marks = _array(batch, in_refs_column(side))
+                in_refs[:, j] = pc.fill_null(marks.cast(pa.bool_()), False).to_numpy(zero_copy_only=False)
 
     if layout.has_ref_rewards:
-        rewards = np.stack([_float_column(batch, layout.reward_column(s), indices) for s in sides], axis=1)
-        ref = _ref_matrix(batch, indices, num_ref_rewards)
+        rewards = np.stack([finite_column(batch, reward_column(s), rows) for s in sides], axis=1)
+        ref, _ = ref_matrix(batch, rows, num_ref_rewards)
         try:
             quantiles, num_refs = quantile_rewards(
                 torch.from_numpy(rewards),
-                torch.from_numpy(ref),
+                _as_tensor(ref),
                 ties=ties,
                 num_ref_rewards=num_ref_rewards,
                 in_ref_rewards=torch.from_numpy(in_refs) if self_inclusion == "leave_one_out" else None,
                 generator=generator,
                 return_num_refs=True,
+                warn_constant=warn,
+                row_ids=rows,
             )
         except ValueError as e:
-            raise ValueError(f"Column 'ref_rewards' (rows {int(indices[0])}-{int(indices[-1])}): {e}") from e
+            raise ValueError(f"Column '{REF_REWARDS}' (rows {int(rows[0])}-{int(rows[-1])}): {e}") from e
         quantiles, num_refs = quantiles.numpy(), num_refs.numpy()
-        ref_std = ScaledNormalICDF.prompt_scales(torch.from_numpy(ref), mean_std=1.0)[0].numpy()
     else:
-        quantiles = np.stack([_float_column(batch, layout.quantile_column(s), indices) for s in sides], axis=1)
-        out_of_range = ((quantiles < 0) | (quantiles > 1)).any(axis=1)
-        if out_of_range.any():
-            column = layout.quantile_column(
-                sides[int(np.argmax(((quantiles < 0) | (quantiles > 1))[out_of_range][0]))]
-            )
+        quantiles = np.stack([finite_column(batch, quantile_column(s), rows) for s in sides], axis=1)
+        out_of_range = (quantiles < 0) | (quantiles > 1)
+        bad_rows = out_of_range.any(axis=1)
+        if bad_rows.any():
+            column = quantile_column(sides[int(np.argmax(out_of_range[bad_rows][0]))])
             raise ValueError(
-                f"Column '{column}', {_rows_message(indices[out_of_range])}: quantiles must lie in [0, 1]. Give "
-                "ref_rewards instead, or fix the quantile computation."
+                f"Column '{column}', {_rows_message(rows[bad_rows])}: quantiles must lie in [0, 1]. Give "
+                f"{REF_REWARDS} instead, or fix the quantile computation."
             )
         rewards = np.full_like(quantiles, np.nan)
         for j, side in enumerate(sides):
-            if layout.reward_column(side) in batch:
-                rewards[:, j] = [np.nan if v is None else v for v in batch[layout.reward_column(side)]]
+            if reward_column(side) in batch.column_names:
+                rewards[:, j] = float_column(batch, reward_column(side), rows)
         num_refs = np.full(quantiles.shape, -1 if num_ref_rewards is None else num_ref_rewards, dtype=np.int64)
-        ref_std = np.full(n_rows, np.nan)
 
     # Sample selector: which sides of a pair become training examples.
     if layout.kind == PAIRED and sample_selector != "both":
@@ -268,64 +475,132 @@ def quantile_batch(
             pick = torch.randint(0, 2, (n_rows,), generator=generator).numpy()
         else:
             pick = np.full(n_rows, 0 if sample_selector == "chosen" else 1)
-        take = lambda a: a[np.arange(n_rows), pick][:, None]  # noqa: E731
-        keep_sides = [[int(p)] for p in pick]  # which side each row keeps
+        keep = pick[:, None]
+        take = lambda a: np.take_along_axis(a, keep, axis=1)
         rewards, quantiles, num_refs, in_refs = take(rewards), take(quantiles), take(num_refs), take(in_refs)
     else:
-        keep_sides = [list(range(len(sides)))] * n_rows
-    completions = [[batch[sides[s]][i] for s in keep] for i, keep in enumerate(keep_sides)]
-    return {
-        "completions": completions,
-        "reward": rewards.tolist(),
-        "quantile": quantiles.tolist(),
-        "num_refs": num_refs.tolist(),
-        "in_refs": (in_refs & (self_inclusion == "keep")).tolist(),
-        "ref_std": ref_std.tolist(),
+        keep = np.broadcast_to(np.arange(len(sides)), (n_rows, len(sides)))
+    k = keep.shape[1]
+    new = {
+        COMPLETIONS: _completions(batch, sides, keep),
+        REWARD: _list_array(rewards.astype(np.float64), k, n_rows),
+        QUANTILE: _list_array(quantiles.astype(np.float64), k, n_rows),
+        NUM_REFS: _list_array(num_refs.astype(np.int64), k, n_rows),
+        IN_REFS: _list_array(in_refs & (self_inclusion == "keep"), k, n_rows),
     }
+    drop = consumed_columns(layout) - ({REF_REWARDS} if keep_ref_rewards else set())
+    out = batch.drop_columns([c for c in batch.column_names if c in drop or c in new])
+    for name, values in new.items():
+        out = out.append_column(name, values)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Lengths and targets
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _broadcast_lengths(prompt_lens, completion_lens):
+    p, c = np.asarray(prompt_lens, dtype=np.int64), np.asarray(completion_lens, dtype=np.int64)
+    return (p[:, None] if c.ndim == 2 else p), c
+
+
+def kept_completion_tokens(prompt_lens, completion_lens, max_length: int | None, truncation_mode: str = "keep_start"):
+    """Completion tokens left after the collator truncates prompt + completion to ``max_length`` (numpy, broadcast)."""
+    p, c = _broadcast_lengths(prompt_lens, completion_lens)
+    if max_length is None:
+        return c.copy()
+    kept = np.minimum(p + c, max_length)
+    return np.minimum(c, kept) if truncation_mode == "keep_end" else np.clip(kept - p, 0, None)
+
+
+def scored_completion_tokens(
+    prompt_lens, completion_lens, max_length: int | None, truncation_mode: str = "keep_start"
+):
+    """Completion tokens whose log-probability the loss sums: ``completion_mask[:, 1:].sum()`` of the collator.
+
+    The kept completion tokens (see :func:`kept_completion_tokens`), less one when the kept sequence starts with a
+    completion token, which has no log-probability (an empty tokenized prompt, or ``keep_end`` cutting the whole
+    prompt and part of the completion away).
+    """
+    p, c = _broadcast_lengths(prompt_lens, completion_lens)
+    kept_c = kept_completion_tokens(prompt_lens, completion_lens, max_length, truncation_mode)
+    if truncation_mode == "keep_end" and max_length is not None:
+        starts_in_completion = np.minimum(p + c, max_length) <= c  # no prompt token kept
+    else:
+        starts_in_completion = p == 0
+    return kept_c - ((kept_c > 0) & starts_in_completion)
 
 
 def effective_completion_length(
     prompt_len: int, completion_len: int, max_length: int | None, truncation_mode: str = "keep_start"
 ) -> int:
-    """Completion tokens left after the collator truncates prompt + completion to ``max_length``."""
-    if max_length is None:
-        return completion_len
-    if truncation_mode == "keep_end":
-        return min(completion_len, max_length)
-    return max(0, min(completion_len, max_length - prompt_len))
+    """Completion tokens left after the collator truncates prompt + completion to ``max_length`` (one sequence)."""
+    return int(kept_completion_tokens([prompt_len], [completion_len], max_length, truncation_mode)[0])
+
+
+def token_lengths(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """Prompt lengths ``[N]`` and completion lengths ``[N, k]`` of a tokenized table, from Arrow offsets."""
+    prompt_lens = list_lengths(_array(batch, PROMPT_IDS))
+    completions = _array(batch, COMPLETION_IDS)
+    per_row = list_lengths(completions)
+    k = int(per_row[0]) if len(per_row) else 1
+    completion_lens = list_lengths(completions.flatten()).reshape(len(per_row), k)
+    return prompt_lens, completion_lens
+
+
+def _per_completion(batch: pa.Table, column: str, dtype) -> np.ndarray:
+    values = _array(batch, column)
+    n_rows = len(values)
+    flat = values.flatten().to_numpy(zero_copy_only=False).astype(dtype)
+    return flat.reshape(n_rows, -1) if n_rows else flat.reshape(0, 1)
+
+
+def fit_transform(transform: Transform, ref_table: pa.Table, num_ref_rewards: int | None) -> Transform:
+    """``transform.fit`` on a data set's reference-reward matrix (``ref_table`` holds its ``ref_rewards``)."""
+    if not transform.per_prompt:
+        return transform
+    matrix, _ = ref_matrix(ref_table, np.arange(ref_table.num_rows), num_ref_rewards)
+    return transform.fit(_as_tensor(matrix))
 
 
 def target_batch(
-    batch: dict,
+    batch: pa.Table,
     transform: Transform,
     beta: float,
     partition_mode: str,
     normalize_beta_by_length: bool,
     max_length: int | None,
     truncation_mode: str,
-    ref_std_normalizer: float | None,
-) -> dict:
-    """Regression targets for a tokenized batch: ``target``, ``beta`` and ``beta_log_z`` per completion."""
-    k = len(batch["quantile"][0])
-    q = torch.tensor(batch["quantile"], dtype=torch.float64).reshape(-1, k)
-    n = torch.tensor(batch["num_refs"], dtype=torch.long).reshape(-1, k)
-    incl = torch.tensor(batch["in_refs"], dtype=torch.bool).reshape(-1, k)
+    num_ref_rewards: int | None = None,
+) -> pa.Table:
+    """Regression targets for a prepared (Arrow) batch: ``target``, ``beta`` and ``beta_log_z`` per completion.
+
+    With ``normalize_beta_by_length``, beta is divided by the number of completion tokens the loss scores (see
+    :func:`scored_completion_tokens`). A per-prompt transform (already fitted) is specialised to the batch's rows
+    with ``transform.for_prompts(ref_rewards)``.
+    """
+    q = torch.from_numpy(_per_completion(batch, QUANTILE, np.float64))
+    n = torch.from_numpy(_per_completion(batch, NUM_REFS, np.int64))
+    incl = torch.from_numpy(_per_completion(batch, IN_REFS, bool))
+    n_rows, k = q.shape
     if normalize_beta_by_length:
-        lengths = torch.tensor(
-            [
-                [effective_completion_length(len(p), len(c), max_length, truncation_mode) for c in cs]
-                for p, cs in zip(batch["prompt_ids"], batch["completion_ids"], strict=True)
-            ],
-            dtype=torch.float64,
-        )
-        beta_t = beta / lengths.clamp(min=1)
+        prompt_lens, completion_lens = token_lengths(batch)
+        scored = scored_completion_tokens(prompt_lens, completion_lens, max_length, truncation_mode)
+        beta_t = beta / torch.from_numpy(scored.astype(np.float64)).clamp(min=1)
     else:
         beta_t = torch.full(q.shape, float(beta), dtype=torch.float64)
     if transform.per_prompt:
-        std = torch.tensor(batch["ref_std"], dtype=torch.float64)
-        if torch.isnan(std).any():
-            raise ValueError(f"The {transform.name!r} transform needs ref_rewards (per-prompt reward spread).")
-        transform = ScaledNormalICDF(std / ref_std_normalizer)
+        if REF_REWARDS not in batch.column_names:
+            raise ValueError(
+                f"The {transform.name!r} transform depends on each prompt's reference rewards: give "
+                f"'{REF_REWARDS}', not precomputed quantiles."
+            )
+        ref, _ = ref_matrix(batch, np.arange(n_rows), num_ref_rewards)
+        transform = transform.for_prompts(_as_tensor(ref))
     num_refs = None if (n < 0).any() else n
     targets, beta_log_z = qrpo_targets(q, transform, beta_t, num_refs, partition_mode, incl)
-    return {"target": targets.tolist(), "beta": beta_t.tolist(), "beta_log_z": beta_log_z.tolist()}
+    out = batch.drop_columns([c for c in batch.column_names if c in (*INTERMEDIATE_COLUMNS, REF_REWARDS)])
+    for name, values in ((TARGET, targets), (BETA, beta_t), (BETA_LOG_Z, beta_log_z)):
+        out = out.append_column(name, _list_array(values.numpy().astype(np.float64), k, n_rows))
+    return out

@@ -41,6 +41,8 @@ def quantile_rewards(
     generator: torch.Generator | None = None,
     return_num_refs: bool = False,
     warn_constant: bool = True,
+    row_ids=None,
+    return_constant_rows: bool = False,
 ):
     """Quantile of each reward among its row's reference rewards.
 
@@ -57,10 +59,15 @@ def quantile_rewards(
             then left out (leave-one-out), so the quantile is taken among the other references.
         generator (`torch.Generator`, *optional*): randomness for ``ties="random"``.
         return_num_refs (`bool`): also return the number of references each quantile was taken over.
-        warn_constant (`bool`): warn with the count of rows whose reference rewards are all equal.
+        warn_constant (`bool`): warn with the count of rows whose reference rewards are all equal, naming some.
+        row_ids (sequence of `int`, *optional*): the rows' numbers in their data set, to name them in warnings and
+            errors (default: their positions in ``rewards``).
+        return_constant_rows (`bool`): also return a boolean ``[N]`` tensor marking the rows whose (at least two)
+            reference rewards are all equal (e.g. for a caller that warns once over many calls).
 
     Returns:
-        float64 quantiles shaped like ``rewards`` (and the int64 reference counts if ``return_num_refs``).
+        float64 quantiles shaped like ``rewards`` (then the int64 reference counts if ``return_num_refs``, then the
+        constant rows if ``return_constant_rows``).
     """
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}.")
@@ -86,7 +93,8 @@ def quantile_rewards(
             raise ValueError(f"Some rows have fewer than num_ref_rewards={num_ref_rewards} reference rewards.")
         ref = ref[:, :num_ref_rewards]
 
-    below, equal, n, constant = _rank_counts(rewards, ref)
+    below, equal, n, constant_rows = _rank_counts(rewards, ref)
+    row_ids = torch.arange(rewards.shape[0]) if row_ids is None else torch.as_tensor(row_ids)
     if (n == 0).any():
         raise ValueError("Every row needs at least one reference reward.")
     n = n[:, None].expand_as(rewards).clone()
@@ -100,7 +108,7 @@ def quantile_rewards(
         if missing.any():
             row = int(missing.any(dim=1).nonzero()[0])
             raise ValueError(
-                f"Row {row} is marked as one of its own references, but no reference reward equals its reward "
+                f"Row {int(row_ids[row])} is marked as one of its own references, but no reference reward equals its reward "
                 f"{float(rewards[row][missing[row]][0])}."
             )
         equal = equal - self_mask.long()
@@ -117,23 +125,30 @@ def quantile_rewards(
         count = (below + torch.floor(u * (equal + 1).double()).long()).double()
     q = count / n.double()
 
-    if warn_constant and constant:
-        warnings.warn(
-            f"{constant} of {ref.shape[0]} rows have reference rewards that are all equal: their quantiles are "
-            "0 or 1 (or 1/2 with mid-rank ties) and break the uniformity the partition function relies on. "
-            "Consider ties='random', more reference completions, or a finer reward.",
-            stacklevel=2,
-        )
+    if warn_constant and constant_rows.any():
+        warnings.warn(constant_references_message(row_ids[constant_rows], ref.shape[0]), stacklevel=2)
     if squeeze:
         q, n = q[:, 0], n[:, 0]
-    return (q, n) if return_num_refs else q
+    out = (q,) + ((n,) if return_num_refs else ()) + ((constant_rows,) if return_constant_rows else ())
+    return out if len(out) > 1 else q
+
+
+def constant_references_message(rows, total: int, limit: int = 5) -> str:
+    """The warning for rows whose reference rewards are all equal, naming the first ``limit`` of them."""
+    rows = [int(r) for r in rows]
+    shown = ", ".join(str(r) for r in rows[:limit]) + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
+    return (
+        f"{len(rows)} of {total} rows have reference rewards that are all equal (rows {shown}): their quantiles are "
+        "0 or 1 (or 1/2 with mid-rank ties) and break the uniformity the partition function relies on. "
+        "Consider ties='random', more reference completions, or a finer reward."
+    )
 
 
 _CHUNK_ROWS = 1 << 16
 
 
 def _rank_counts(rewards: torch.Tensor, ref: torch.Tensor):
-    """#{S < r}, #{S = r} per reward, the number of (non-NaN) references per row and the count of constant rows.
+    """#{S < r}, #{S = r} per reward, the number of (non-NaN) references per row and the rows whose refs are equal.
 
     Vectorised over all rows, in chunks to bound memory. With few completions per row (k) a comparison pass, O(n k)
     per row, beats sorting; with many (e.g. every reference scored against the others) each row's references are
@@ -144,7 +159,7 @@ def _rank_counts(rewards: torch.Tensor, ref: torch.Tensor):
     below = torch.empty(rewards.shape, dtype=torch.long)
     equal = torch.empty(rewards.shape, dtype=torch.long)
     count = torch.empty(N, dtype=torch.long)
-    constant = 0
+    constant = torch.zeros(N, dtype=torch.bool)
     use_sort = k > 4 and k * n_max > (n_max + k) * max(1, n_max.bit_length())
     # One pass over the matrix: NaN padding (or inf - inf) anywhere sends every chunk through the masked path.
     has_nan = bool(torch.isnan(ref.sum()))
@@ -176,7 +191,7 @@ def _rank_counts(rewards: torch.Tensor, ref: torch.Tensor):
                 highest = torch.where(valid, chunk, -inf).amax(dim=1)
             else:
                 lowest, highest = chunk.amin(dim=1), chunk.amax(dim=1)
-            constant += int(((lowest == highest) & (count[rows] > 1)).sum())
+            constant[rows] = (lowest == highest) & (count[rows] > 1)
     return below, equal, count, constant
 
 

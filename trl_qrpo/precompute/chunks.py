@@ -20,6 +20,7 @@ complete, come from the same task and parameters, and cover every shard exactly 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -97,6 +98,54 @@ class ShardPlan:
         return range(self.chunk_rows(chunks[0]).start, self.chunk_rows(chunks[-1]).stop)
 
 
+@dataclass(frozen=True)
+class ChunkedTask:
+    """What a chunked run computes, as recorded in its manifest and shown on its progress bar.
+
+    Args:
+        name (`str`):
+            Name of the step (`"generate"`, `"score"`, `"evaluate"`), stored in the manifest.
+        params (`dict`):
+            Every parameter that changes the results (JSON-serialisable; other values are stored as strings),
+            checked on restart.
+        soft_params (`Sequence[str]`, *optional*):
+            Parameters that may change between a run and its restart (e.g. a batch size): a change is logged, not
+            refused.
+        units_per_row (`int` or `Sequence[int]`, *optional*, defaults to `1`):
+            Progress-bar units per input row (e.g. completions per prompt), or one count per dataset row.
+        unit (`str`, *optional*, defaults to `"row"`):
+            Name of a progress-bar unit.
+        desc (`str`, *optional*):
+            Progress-bar title.
+    """
+
+    name: str
+    params: dict[str, Any]
+    soft_params: Sequence[str] = ()
+    units_per_row: int | Sequence[int] = 1
+    unit: str = "row"
+    desc: str | None = None
+
+    def units(self, rows: range) -> int:
+        if isinstance(self.units_per_row, int):
+            return len(rows) * self.units_per_row
+        return sum(self.units_per_row[i] for i in rows)
+
+
+@contextlib.contextmanager
+def quiet_datasets():
+    """Hide `datasets`' own progress bars (saving, loading, concatenating chunks) under the run's progress bar."""
+    import datasets
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def input_hash(rows) -> str:
     """A content hash of a chunk's input rows, to detect a restart on a changed dataset."""
     digest = hashlib.sha256()
@@ -122,28 +171,16 @@ def read_manifest(output_dir: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text())
 
 
-def prepare_output_dir(
-    output_dir: str | os.PathLike,
-    *,
-    task: str,
-    params: dict[str, Any],
-    plan: ShardPlan,
-    soft_params: Sequence[str] = (),
-) -> dict[str, Any]:
+def prepare_output_dir(output_dir: str | os.PathLike, task: ChunkedTask, plan: ShardPlan) -> dict[str, Any]:
     """Create `output_dir` and its manifest, or check that an existing one belongs to the same run.
 
     Args:
         output_dir (`str` or `os.PathLike`):
             Folder of the run.
-        task (`str`):
-            Name of the step (`"generate"`, `"score"`, `"evaluate"`).
-        params (`dict`):
-            Every parameter that changes the results (JSON-serialisable; other values are stored as strings).
+        task ([`ChunkedTask`]):
+            The step and its parameters (a change of a parameter not in `task.soft_params` is refused).
         plan ([`ShardPlan`]):
             The shard of the dataset this run processes.
-        soft_params (`Sequence[str]`, *optional*):
-            Parameters that may change between a run and its restart (e.g. a batch size): a change is logged, not
-            refused.
 
     Returns:
         `dict`: the manifest.
@@ -152,8 +189,8 @@ def prepare_output_dir(
     output_dir.mkdir(parents=True, exist_ok=True)
     manifest = {
         "format_version": FORMAT_VERSION,
-        "task": task,
-        "params": _normalize(params),
+        "task": task.name,
+        "params": _normalize(task.params),
         "num_rows": plan.num_rows,
         "chunk_size": plan.chunk_size,
         "num_shards": plan.num_shards,
@@ -179,7 +216,7 @@ def prepare_output_dir(
     for key in sorted(set(old_params) | set(manifest["params"])):
         old, new = old_params.get(key), manifest["params"].get(key)
         if old != new:
-            (soft_changes if key in soft_params else diffs).append(f"{key}: {old!r} -> {new!r}")
+            (soft_changes if key in task.soft_params else diffs).append(f"{key}: {old!r} -> {new!r}")
     if diffs:
         raise ValueError(
             f"output_dir '{output_dir}' holds a run with other settings ({'; '.join(diffs)}). Resuming would mix two "
@@ -204,15 +241,10 @@ def clean_stale_chunks(output_dir: str | os.PathLike) -> None:
 def run_chunked(
     dataset,
     process_chunk: Callable,
-    *,
+    task: ChunkedTask,
     plan: ShardPlan,
     output_dir: str | os.PathLike | None,
-    task: str,
-    params: dict[str, Any],
-    soft_params: Sequence[str] = (),
-    units_per_row: int | Sequence[int] = 1,
-    unit: str = "row",
-    desc: str | None = None,
+    *,
     worker_rank: int = 0,
     num_workers: int = 1,
     assemble: bool = True,
@@ -225,22 +257,12 @@ def run_chunked(
         process_chunk (`Callable`):
             `process_chunk(rows, row_indices, progress) -> Dataset`, where `rows` is the chunk's rows, `row_indices`
             their positions in `dataset` (for per-row seeds) and `progress(n)` advances the progress bar by `n` units.
+        task ([`ChunkedTask`]):
+            The step, its parameters (stored in the manifest and checked on restart) and its progress bar.
         plan ([`ShardPlan`]):
             The chunks to process.
         output_dir (`str` or `os.PathLike`, *optional*):
             Folder for chunks, manifest and the result. `None` keeps everything in memory (no resume).
-        task (`str`):
-            Name of the step, stored in the manifest.
-        params (`dict`):
-            Parameters that change the results, stored in the manifest and checked on restart.
-        soft_params (`Sequence[str]`, *optional*):
-            Parameters allowed to change on restart.
-        units_per_row (`int` or `Sequence[int]`, *optional*, defaults to `1`):
-            Progress-bar units per input row (e.g. completions per prompt), or one count per dataset row.
-        unit (`str`, *optional*, defaults to `"row"`):
-            Name of a progress-bar unit.
-        desc (`str`, *optional*):
-            Progress-bar title.
         worker_rank (`int`, *optional*, defaults to `0`):
             With `num_workers > 1`, this process handles the chunks `c` with `c % num_workers == worker_rank`.
         num_workers (`int`, *optional*, defaults to `1`):
@@ -255,22 +277,20 @@ def run_chunked(
     from tqdm.auto import tqdm
 
     mine = [c for c in plan.chunks if (c - plan.chunks.start) % num_workers == worker_rank]
-
-    def units(rows: range) -> int:
-        return len(rows) * units_per_row if isinstance(units_per_row, int) else sum(units_per_row[i] for i in rows)
-
+    units = task.units
     total = sum(units(plan.chunk_rows(c)) for c in mine)
+    bar_kwargs = {"total": total, "unit": task.unit, "desc": task.desc, "dynamic_ncols": True}
 
     if output_dir is None:
         results = []
-        with tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True) as bar:
+        with tqdm(**bar_kwargs) as bar, quiet_datasets():
             for chunk in mine:
                 rows = plan.chunk_rows(chunk)
                 results.append(process_chunk(dataset.select(rows), list(rows), bar.update))
-        return datasets.concatenate_datasets(results) if assemble else None
+            return datasets.concatenate_datasets(results) if assemble else None
 
     output_dir = Path(output_dir)
-    manifest = prepare_output_dir(output_dir, task=task, params=params, plan=plan, soft_params=soft_params)
+    manifest = prepare_output_dir(output_dir, task, plan)
     if manifest.get("complete"):
         logger.info(f"'{output_dir}' is already complete; loading it.")
         return datasets.load_from_disk(str(output_dir)) if assemble else None
@@ -296,7 +316,7 @@ def run_chunked(
     if done_units:
         logger.info(f"Resuming '{output_dir}': {len(mine) - len(todo)} of {len(mine)} chunks already done.")
 
-    with tqdm(total=total, initial=done_units, unit=unit, desc=desc, dynamic_ncols=True) as bar:
+    with tqdm(initial=done_units, **bar_kwargs) as bar, quiet_datasets():
         for chunk in todo:
             rows = plan.chunk_rows(chunk)
             chunk_input = dataset.select(rows)
@@ -318,7 +338,8 @@ def run_chunked(
 
     if not assemble:
         return None
-    return assemble_chunks(output_dir, plan)
+    with quiet_datasets():
+        return assemble_chunks(output_dir, plan)
 
 
 def assemble_chunks(output_dir: str | os.PathLike, plan: ShardPlan):

@@ -1,7 +1,7 @@
-"""Reading and writing datasets the way TRL users name them: a Hub id, a `save_to_disk` folder or a data file.
+"""Writing datasets (a `save_to_disk` folder or a data file), atomic JSON records, and small column checks.
 
-Also the column names that the pre-computation phase writes and reads, and small helpers that check a dataset's
-columns with an error that names the column, the row and the fix.
+Datasets are read by the package's one loader, :mod:`trl_qrpo.loading`; column names come from
+:mod:`trl_qrpo.columns`. The checks raise errors that name the column, the row and the fix.
 """
 
 from __future__ import annotations
@@ -12,65 +12,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..columns import CHOSEN, PROMPT, REJECTED
+
 logger = logging.getLogger("trl_qrpo.precompute")
-
-# Completion columns of the dataset (TRL's names) and the reward column each one gets.
-COMPLETION_REWARD_COLUMNS = {"completion": "reward", "chosen": "chosen_reward", "rejected": "rejected_reward"}
-REF_COMPLETIONS = "ref_completions"
-REF_REWARDS = "ref_rewards"
-REF_TRUNCATED = "ref_truncated"
-REF_NUM_TOKENS = "ref_num_tokens"
-# Columns that hold one entry per reference completion.
-REF_LIST_COLUMNS = (REF_COMPLETIONS, REF_REWARDS, REF_TRUNCATED, REF_NUM_TOKENS)
-
-# File extensions read and written with the matching `datasets` builder / exporter.
-_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-
-
-def _is_saved_dataset(path: Path) -> bool:
-    return path.is_dir() and (
-        (path / "state.json").is_file()
-        or (path / "dataset_dict.json").is_file()
-        or (path / "dataset_info.json").is_file()
-    )
-
-
-def load_any_dataset(name_or_path: str, config: str | None = None, split: str | None = "train"):
-    """Load a dataset by Hub id, local `save_to_disk` folder or data file (json, jsonl, parquet, csv, arrow).
-
-    Args:
-        name_or_path (`str`):
-            A Hub dataset id (e.g. `"trl-lib/ultrafeedback_binarized"`), a folder written by
-            [`~datasets.Dataset.save_to_disk`] (as every `trl qrpo` command writes), a data file whose extension names
-            its format, or a folder of data files that [`~datasets.load_dataset`] understands.
-        config (`str`, *optional*):
-            Dataset configuration name (the `name` argument of [`~datasets.load_dataset`]).
-        split (`str`, *optional*, defaults to `"train"`):
-            Split to return. A single saved [`~datasets.Dataset`] or a data file has no splits: it is returned whole.
-
-    Returns:
-        [`~datasets.Dataset`]
-    """
-    import datasets
-
-    path = Path(name_or_path).expanduser()
-    if _is_saved_dataset(path):
-        loaded = datasets.load_from_disk(str(path))
-    elif path.is_file():
-        builder = _FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(
-                f"Cannot read '{path}': unknown extension '{path.suffix}'. Use one of {sorted(_FILE_BUILDERS)} or a "
-                "folder written by `Dataset.save_to_disk`."
-            )
-        loaded = datasets.load_dataset(builder, data_files=str(path), split="train")
-    else:
-        loaded = datasets.load_dataset(str(name_or_path), name=config, split=split)
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise ValueError(f"Dataset '{name_or_path}' has no split '{split}'; it has {list(loaded)}.")
-        loaded = loaded[split]
-    return loaded
 
 
 def save_any_dataset(dataset, path: str) -> None:
@@ -97,6 +41,13 @@ def save_any_dataset(dataset, path: str) -> None:
 def path_str(value):
     """`os.PathLike` objects as strings (model and dataset paths may be given as `pathlib.Path`); others unchanged."""
     return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+
+def model_name(model) -> str:
+    """A printable name of a model given as a path/id or as a loaded model."""
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    return getattr(model, "name_or_path", None) or type(model).__name__
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
@@ -132,9 +83,9 @@ def ensure_prompt_column(dataset):
     Returns:
         [`~datasets.Dataset`]: the dataset with a `prompt` column.
     """
-    if "prompt" in dataset.column_names:
+    if PROMPT in dataset.column_names:
         return dataset
-    if "chosen" in dataset.column_names and "rejected" in dataset.column_names:
+    if CHOSEN in dataset.column_names and REJECTED in dataset.column_names:
         from trl.data_utils import extract_prompt
 
         return dataset.map(extract_prompt, desc="Extracting the shared prompt of chosen/rejected")

@@ -18,32 +18,25 @@ import math
 
 import numpy as np
 
-from .io import (
-    COMPLETION_REWARD_COLUMNS,
+from ..columns import (
+    COMPLETION_AND_REFERENCE_COLUMNS,
+    PAIRED_SIDES,
+    POINTWISE_SIDES,
+    PROMPT,
     REF_COMPLETIONS,
-    REF_LIST_COLUMNS,
+    REF_INDEX,
     REF_REWARDS,
     REF_TRUNCATED,
-    ensure_prompt_column,
-    logger,
-    require_columns,
+    TRUNCATED,
+    in_refs_column,
+    reward_column,
+    side_column,
 )
+from .config import BuildOffPolicyConfig
+from .io import ensure_prompt_column, logger, require_columns
 from .sampling import sample_seed
 
 OFFPOLICY_MODES = ("pointwise", "best_worst", "random_pairs")
-
-# Columns of the input that describe the dataset's own completions or references and are not carried over.
-_DROPPED = {
-    *COMPLETION_REWARD_COLUMNS,
-    *COMPLETION_REWARD_COLUMNS.values(),
-    *REF_LIST_COLUMNS,
-    "in_ref_rewards",
-    "chosen_in_ref_rewards",
-    "rejected_in_ref_rewards",
-    "quantile",
-    "chosen_quantile",
-    "rejected_quantile",
-}
 
 
 def _ordered_refs(rewards: list[float], own: list[int], candidates: list[int]) -> list[float]:
@@ -54,15 +47,7 @@ def _ordered_refs(rewards: list[float], own: list[int], candidates: list[int]) -
     return [rewards[j] for j in own + rest + others]
 
 
-def build_offpolicy_dataset(
-    dataset,
-    mode: str = "pointwise",
-    *,
-    num_candidates: int | None = None,
-    seed: int = 42,
-    drop_ties: bool = False,
-    num_proc: int | None = None,
-):
+def build_offpolicy_dataset(dataset, args: BuildOffPolicyConfig | None = None):
     """Build QRPO training rows from the reference completions and their rewards.
 
     Args:
@@ -70,31 +55,35 @@ def build_offpolicy_dataset(
             Output of `generate_references` then `score_dataset`: `prompt`, `ref_completions`, `ref_rewards`
             (optionally `ref_truncated`, `ref_num_tokens`). Other columns (e.g. `tools`, `chat_template_kwargs`, ids)
             are copied to every row built from the prompt; the dataset's own completions and rewards are not.
-        mode (`str`, *optional*, defaults to `"pointwise"`):
-            - `"pointwise"`: one row per candidate reference (`prompt`, `completion`, `reward`, `ref_rewards`,
-              `in_ref_rewards`);
-            - `"best_worst"`: one pair per prompt, the highest- and lowest-reward candidates (`prompt`, `chosen`,
-              `rejected`, `chosen_reward`, `rejected_reward`, `ref_rewards`, `chosen_in_ref_rewards`,
-              `rejected_in_ref_rewards`);
-            - `"random_pairs"`: one pair per prompt, two distinct candidates drawn at random (seeded per row), the
-              higher reward as `chosen`.
-        num_candidates (`int`, *optional*):
-            Use only the first `num_candidates` references as training completions (the paper: best and worst of the
-            first 6). All references stay in `ref_rewards`. Default: all.
-        seed (`int`, *optional*, defaults to `42`):
-            Seed of `"random_pairs"` (derived per row from the row index, so the result does not depend on
-            sharding or order of processing).
-        drop_ties (`bool`, *optional*, defaults to `False`):
-            In paired modes, drop pairs whose two rewards are equal (their count is logged). By default they are
-            kept: every completion is its own regression example in QRPO, ties included.
-        num_proc (`int`, *optional*):
-            Processes for `datasets.map`.
+        args ([`BuildOffPolicyConfig`], *optional*):
+            The options (defaults: `BuildOffPolicyConfig()`):
+
+            - `mode`: `"pointwise"`, one row per candidate reference (`prompt`, `completion`, `reward`,
+              `ref_rewards`, `in_ref_rewards`); `"best_worst"`, one pair per prompt, the highest- and lowest-reward
+              candidates (`prompt`, `chosen`, `rejected`, `chosen_reward`, `rejected_reward`, `ref_rewards`,
+              `chosen_in_ref_rewards`, `rejected_in_ref_rewards`); `"random_pairs"`, one pair per prompt, two
+              distinct candidates drawn at random (seeded per row), the higher reward as `chosen`.
+            - `num_candidates`: use only the first `num_candidates` references as training completions (the paper:
+              best and worst of the first 6). All references stay in `ref_rewards`. Default: all.
+            - `seed`: seed of `"random_pairs"` (derived per row from the row index, so the result does not depend
+              on sharding or order of processing).
+            - `drop_ties`: in paired modes, drop pairs whose two rewards are equal (their count is logged). By
+              default they are kept: every completion is its own regression example in QRPO, ties included.
+            - `num_proc`: processes for `datasets.map`.
 
     Returns:
         [`~datasets.Dataset`]: training rows, plus `ref_index` (`chosen_ref_index`, `rejected_ref_index`): the
         reference each completion came from, and `truncated` (`chosen_truncated`, `rejected_truncated`) when the
         input has `ref_truncated`.
     """
+    args = args if args is not None else BuildOffPolicyConfig()
+    mode, num_candidates, seed, drop_ties, num_proc = (
+        args.mode,
+        args.num_candidates,
+        args.seed,
+        args.drop_ties,
+        args.num_proc,
+    )
     if mode not in OFFPOLICY_MODES:
         raise ValueError(f"mode must be one of {OFFPOLICY_MODES}, got {mode!r}.")
     dataset = ensure_prompt_column(dataset)
@@ -110,18 +99,18 @@ def build_offpolicy_dataset(
         raise ValueError(
             f"num_candidates must be at least {2 if paired else 1} for mode {mode!r}, got {num_candidates}."
         )
-    extra = [c for c in dataset.column_names if c not in _DROPPED and c != "prompt"]
+    # The dataset's own completions, rewards and references are not carried over; other columns are.
+    extra = [c for c in dataset.column_names if c not in COMPLETION_AND_REFERENCE_COLUMNS]
     has_truncated = REF_TRUNCATED in dataset.column_names
 
     def build(batch, indices):
-        out = {c: [] for c in ["prompt", *extra]}
-        sides = ("chosen", "rejected") if paired else ("completion",)
+        out = {c: [] for c in [PROMPT, *extra]}
+        sides = PAIRED_SIDES if paired else POINTWISE_SIDES
         for side in sides:
-            prefix = "" if side == "completion" else f"{side}_"
-            out[side], out[COMPLETION_REWARD_COLUMNS[side]] = [], []
-            out[f"{prefix}in_ref_rewards"], out[f"{prefix}ref_index"] = [], []
+            out[side], out[reward_column(side)] = [], []
+            out[in_refs_column(side)], out[side_column(side, REF_INDEX)] = [], []
             if has_truncated:
-                out[f"{prefix}truncated"] = []
+                out[side_column(side, TRUNCATED)] = []
         out[REF_REWARDS] = []
         for pos, row in enumerate(indices):
             completions, rewards = batch[REF_COMPLETIONS][pos], batch[REF_REWARDS][pos]
@@ -159,17 +148,16 @@ def build_offpolicy_dataset(
             for own in picks:
                 if paired and drop_ties and rewards[own[0]] == rewards[own[1]]:
                     continue
-                out["prompt"].append(batch["prompt"][pos])
+                out[PROMPT].append(batch[PROMPT][pos])
                 for c in extra:
                     out[c].append(batch[c][pos])
                 for side, j in zip(sides, own, strict=True):
-                    prefix = "" if side == "completion" else f"{side}_"
                     out[side].append(completions[j])
-                    out[COMPLETION_REWARD_COLUMNS[side]].append(float(rewards[j]))
-                    out[f"{prefix}in_ref_rewards"].append(True)
-                    out[f"{prefix}ref_index"].append(j)
+                    out[reward_column(side)].append(float(rewards[j]))
+                    out[in_refs_column(side)].append(True)
+                    out[side_column(side, REF_INDEX)].append(j)
                     if has_truncated:
-                        out[f"{prefix}truncated"].append(bool(batch[REF_TRUNCATED][pos][j]))
+                        out[side_column(side, TRUNCATED)].append(bool(batch[REF_TRUNCATED][pos][j]))
                 out[REF_REWARDS].append([float(r) for r in _ordered_refs(rewards, own, candidates)])
         return out
 

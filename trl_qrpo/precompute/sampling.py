@@ -5,9 +5,11 @@ Two backends share one contract, ``sample(prompt_ids, seeds, progress) -> list[l
 - :class:`TransformersSampler`: batched `model.generate` (CPU or GPU). Each sequence draws its tokens with its own
   `torch.Generator` (inverse-CDF sampling in a logits processor, then greedy selection of the drawn token), so a
   completion depends on its seed only, not on the batch it shares or on which job computes it.
-- :class:`VLLMSampler`: `vllm.LLM.generate` with one `SamplingParams(n=..., seed=...)` per prompt. A thin path:
-  `vllm` is imported inside, its engine options (`tensor_parallel_size`, `gpu_memory_utilization`, `dtype`,
-  `max_model_len`, ...) are passed through.
+- `VLLMSampler` (in :mod:`.vllm_engine`): `vllm.LLM.generate` with one seeded request per prompt; `vllm` is imported
+  only there.
+
+:func:`make_sampler` builds the backend a config asks for ([`GenerateConfig`] or [`EvaluateConfig`]: the sampling,
+model and vLLM options travel as that one object).
 
 Both sample from the model's own distribution by default: temperature 1, top_p 1, no top_k, no min_p, no repetition
 penalty, and none of the sampling defaults a checkpoint's `generation_config.json` may carry (quantiles are exact
@@ -23,8 +25,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from .io import logger
 
 
 @dataclass
@@ -190,6 +190,20 @@ def load_model(
     return loaded.eval()
 
 
+def load_causal_lm(model, args):
+    """The causal LM of `args` ([`ModelArguments`]: dtype, device, revision, ...) or an already-built one, in eval mode."""
+    return load_model(
+        model,
+        "AutoModelForCausalLM",
+        dtype=args.dtype,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        revision=args.model_revision,
+        attn_implementation=args.attn_implementation,
+        model_init_kwargs=args.model_init_kwargs,
+    )
+
+
 def _make_row_sampler(seeds: Sequence[int], temperature: float, top_p: float, top_k: int, min_p: float):
     """A logits processor that samples one token per row with that row's own generator.
 
@@ -234,17 +248,6 @@ def _make_row_sampler(seeds: Sequence[int], temperature: float, top_p: float, to
     return _RowSampler()
 
 
-def check_sampling_args(temperature: float, top_p: float, top_k: int, min_p: float, max_new_tokens: int) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (references are sampled, not decoded greedily), got {temperature}.")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
-    if top_k < 0 or not 0 <= min_p < 1:
-        raise ValueError(f"top_k must be >= 0 (0 disables it) and min_p in [0, 1), got top_k={top_k}, min_p={min_p}.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-
-
 @contextlib.contextmanager
 def _clean_generation_config(model, stops: list[int], pad_token_id: int, bos_token_id: int | None):
     """Hide the checkpoint's generation defaults (top_k, repetition_penalty, suppress_tokens, ...) during sampling."""
@@ -268,18 +271,14 @@ class TransformersSampler:
             The causal LM (in eval mode, on its device).
         tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
             Its tokenizer (pad token set).
-        temperature, top_p, top_k, min_p (`float`, `float`, `int`, `float`):
-            Sampling parameters (1, 1, 0, 0 sample the model's own distribution).
-        max_new_tokens (`int`):
-            Token limit of a completion.
-        batch_size (`int`):
-            Sequences per `generate` call.
+        args ([`SamplingArguments`]):
+            `temperature`, `top_p`, `top_k`, `min_p` (1, 1, 0, 0 sample the model's own distribution),
+            `max_new_tokens` and `batch_size` (sequences per `generate` call).
     """
 
-    def __init__(self, model, tokenizer, *, temperature, top_p, top_k, min_p, max_new_tokens, batch_size):
-        self.model, self.tokenizer = model, tokenizer
-        self.temperature, self.top_p, self.top_k, self.min_p = temperature, top_p, top_k, min_p
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+    def __init__(self, model, tokenizer, args):
+        self.model, self.tokenizer, self.args = model, tokenizer, args
+        self.max_new_tokens, self.batch_size = args.max_new_tokens, args.batch_size
         self.stops = stop_token_ids(tokenizer, model)
 
     def sample(
@@ -317,7 +316,11 @@ class TransformersSampler:
                     device
                 )
                 sampler = _make_row_sampler(
-                    [seeds[i][j] for i, j in batch], self.temperature, self.top_p, self.top_k, self.min_p
+                    [seeds[i][j] for i, j in batch],
+                    self.args.temperature,
+                    self.args.top_p,
+                    self.args.top_k,
+                    self.args.min_p,
                 )
                 out = self.model.generate(
                     input_ids=input_ids,
@@ -335,171 +338,36 @@ class TransformersSampler:
         return results
 
 
-class VLLMSampler:
-    """Sampling with vLLM's offline engine (`vllm.LLM`), one seeded request of `n` completions per prompt.
-
-    Requests carry the prompt's token ids (tokenised by :func:`tokenize_prompt`, so the chat template is applied as
-    in training) and every sampling parameter explicitly (vLLM would otherwise apply the checkpoint's
-    `generation_config.json` defaults). Completions are decoded with the transformers tokenizer, as the other
-    backend does. Reproducibility across runs holds as far as vLLM's batch invariance does (see vLLM's
-    `VLLM_BATCH_INVARIANT` and reproducibility notes).
-
-    Args:
-        model_name_or_path (`str`):
-            Model id or folder (vLLM loads it itself).
-        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
-            The model's tokenizer.
-        temperature, top_p, top_k, min_p, max_new_tokens:
-            As for [`TransformersSampler`].
-        seed (`int`):
-            Engine seed.
-        llm_kwargs (`dict`):
-            Passed to `vllm.LLM(...)`: e.g. `tensor_parallel_size`, `gpu_memory_utilization`, `dtype`,
-            `max_model_len`, `enforce_eager`, `enable_prefix_caching`, `trust_remote_code`, `revision`.
-    """
-
-    def __init__(
-        self, model_name_or_path, tokenizer, *, temperature, top_p, top_k, min_p, max_new_tokens, seed, llm_kwargs
-    ):
-        try:
-            from vllm import LLM
-        except ImportError as error:
-            raise ImportError(
-                "backend='vllm' needs vLLM (`pip install vllm`, GPU machines). Use backend='transformers' otherwise."
-            ) from error
-        self.tokenizer = tokenizer
-        self.temperature, self.top_p, self.top_k, self.min_p = temperature, top_p, top_k, min_p
-        self.max_new_tokens = max_new_tokens
-        self.stops = stop_token_ids(tokenizer)
-        kwargs = {"seed": seed, **llm_kwargs}
-        logger.info(f"Starting vLLM for '{model_name_or_path}' with {kwargs}.")
-        self.llm = LLM(model=model_name_or_path, **kwargs)
-        try:  # the checkpoint's generation config may name more stop tokens (e.g. Llama 3's <|eot_id|>)
-            from transformers import GenerationConfig
-
-            eos = GenerationConfig.from_pretrained(model_name_or_path, revision=kwargs.get("revision")).eos_token_id
-        except OSError:
-            eos = None
-        for token in [eos] if isinstance(eos, int) else list(eos or []):
-            if token not in self.stops:
-                self.stops.append(token)
-
-    def sample(
-        self, prompt_ids: list[list[int]], seeds: list[list[int]], progress: Callable[[int], None] | None = None
-    ) -> list[list[Sample]]:
-        """Sample `len(seeds[i])` completions of prompt `i`; the request is seeded with `seeds[i][0]`."""
-        from vllm import SamplingParams
-
-        params = [
-            SamplingParams(
-                n=len(row_seeds),
-                seed=row_seeds[0],
-                temperature=self.temperature,
-                top_p=self.top_p,
-                top_k=self.top_k if self.top_k else -1,
-                min_p=self.min_p,
-                repetition_penalty=1.0,
-                presence_penalty=0.0,
-                frequency_penalty=0.0,
-                max_tokens=self.max_new_tokens,
-                stop_token_ids=self.stops,
-                skip_special_tokens=False,
-                detokenize=False,
-            )
-            for row_seeds in seeds
-        ]
-        outputs = self.llm.generate(
-            [{"prompt_token_ids": ids} for ids in prompt_ids], sampling_params=params, use_tqdm=False
-        )
-        stops = set(self.stops)
-        results = []
-        for ids, output in zip(prompt_ids, outputs, strict=True):
-            row = []
-            for completion in output.outputs:
-                token_ids, _, num_tokens, stop = _split_stop(completion.token_ids, stops, self.max_new_tokens)
-                truncated = completion.finish_reason == "length"
-                if not truncated and stop is None:  # vLLM left the stop token out of token_ids
-                    num_tokens += 1
-                    reason = getattr(completion, "stop_reason", None)
-                    stop = reason if isinstance(reason, int) else self.tokenizer.eos_token_id
-                text = decode_completion(self.tokenizer, ids, token_ids)
-                row.append(Sample(token_ids, text, truncated, num_tokens, None if truncated else stop))
-            results.append(row)
-            if progress is not None:
-                progress(len(row))
-        return results
-
-
-def make_sampler(
-    backend: str,
-    model,
-    tokenizer,
-    *,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    min_p: float,
-    max_new_tokens: int,
-    seed: int,
-    batch_size: int,
-    dtype: str | None,
-    device: str | None,
-    trust_remote_code: bool,
-    revision: str | None,
-    attn_implementation: str | None,
-    model_init_kwargs: dict | None,
-    vllm_kwargs: dict | None,
-):
-    """Build the sampler of `backend` (`"auto"`: vLLM when it is installed and a GPU is visible, else transformers)."""
+def resolve_backend(backend: str, model) -> str:
+    """`"auto"` -> `"vllm"` when vLLM is installed, a GPU is visible and `model` is a name or path; else as given."""
     import importlib.util
 
     import torch
 
-    if backend == "auto":
-        backend = (
-            "vllm"
-            if importlib.util.find_spec("vllm") and torch.cuda.is_available() and isinstance(model, str)
-            else "transformers"
-        )
+    if backend != "auto":
+        return backend
+    if importlib.util.find_spec("vllm") and torch.cuda.is_available() and isinstance(model, str):
+        return "vllm"
+    return "transformers"
+
+
+def make_sampler(args, model, tokenizer):
+    """The sampler of `args.backend` for `model` (a name/path, or a loaded model for the transformers backend).
+
+    Args:
+        args ([`GenerateConfig`] or [`EvaluateConfig`]):
+            The sampling options ([`SamplingArguments`]), how to load the model ([`ModelArguments`]) and the vLLM
+            engine options ([`VLLMArguments`]), plus the base `seed`.
+        model (`str` or [`~transformers.PreTrainedModel`]):
+            The model to sample from.
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
+            Its tokenizer.
+    """
+    backend = resolve_backend(args.backend, model)
     if backend == "vllm":
         if not isinstance(model, str):
             raise ValueError("backend='vllm' loads the model itself: pass its name or path, not a model object.")
-        llm_kwargs = {"trust_remote_code": trust_remote_code, **(vllm_kwargs or {})}
-        if revision is not None:
-            llm_kwargs.setdefault("revision", revision)
-        if dtype is not None:
-            llm_kwargs.setdefault("dtype", dtype)
-        return VLLMSampler(
-            model,
-            tokenizer,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            min_p=min_p,
-            max_new_tokens=max_new_tokens,
-            seed=seed,
-            llm_kwargs=llm_kwargs,
-        )
-    if backend != "transformers":
-        raise ValueError(f"backend must be 'auto', 'transformers' or 'vllm', got {backend!r}.")
-    if vllm_kwargs:
-        logger.warning(f"vllm_kwargs {vllm_kwargs} are ignored by the transformers backend.")
-    loaded = load_model(
-        model,
-        dtype=dtype,
-        device=device,
-        trust_remote_code=trust_remote_code,
-        revision=revision,
-        attn_implementation=attn_implementation,
-        model_init_kwargs=model_init_kwargs,
-    )
-    return TransformersSampler(
-        loaded,
-        tokenizer,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-    )
+        from .vllm_engine import VLLMSampler
+
+        return VLLMSampler(model, tokenizer, args)
+    return TransformersSampler(load_causal_lm(model, args), tokenizer, args)

@@ -20,28 +20,24 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from .chunks import ShardPlan, run_chunked
-from .io import (
+from ..columns import (
+    COMPLETION_AND_REFERENCE_COLUMNS,
+    COMPLETION_IDS,
+    COMPLETION_COLUMNS,
     COMPLETION_REWARD_COLUMNS,
+    PROMPT,
     REF_COMPLETIONS,
-    REF_LIST_COLUMNS,
     REF_REWARDS,
-    ensure_prompt_column,
-    logger,
-    path_str,
 )
+from .chunks import ChunkedTask, ShardPlan, run_chunked
+from .config import ScoreConfig
+from .io import ensure_prompt_column, logger, model_name, path_str
 from .sampling import load_model, load_tokenizer
 
-# Columns that are never passed to reward functions as keyword arguments.
-_NOT_KWARGS = {
-    "prompt",
-    *COMPLETION_REWARD_COLUMNS,
-    *COMPLETION_REWARD_COLUMNS.values(),
-    *REF_LIST_COLUMNS,
-    "in_ref_rewards",
-    "chosen_in_ref_rewards",
-    "rejected_in_ref_rewards",
-}
+
+def reward_function_kwarg_columns(column_names) -> list[str]:
+    """The columns passed to reward functions as keyword lists: all but the completions, references and rewards."""
+    return [c for c in column_names if c not in COMPLETION_AND_REFERENCE_COLUMNS]
 
 
 def _noop(*args, **kwargs) -> None:
@@ -101,77 +97,71 @@ def completion_texts(prompts: list, completions: list, tokenizer) -> list[str]:
     return [p + c for p, c in zip(prompts, completions, strict=True)]
 
 
+def load_reward_tokenizer(model, args, processing_class=None):
+    """The reward model's tokenizer: `processing_class`, else `args.reward_tokenizer_name_or_path`, else the model's."""
+    processing_class = processing_class if processing_class is not None else args.reward_tokenizer_name_or_path
+    if processing_class is None or isinstance(processing_class, (str, os.PathLike)):
+        name = processing_class or (model if isinstance(model, str) else getattr(model, "name_or_path", None))
+        processing_class = load_tokenizer(path_str(name), trust_remote_code=args.trust_remote_code)
+    if processing_class.pad_token is None:
+        processing_class.pad_token = processing_class.eos_token
+    return processing_class
+
+
 class RewardModelScorer:
-    """Scores (prompt, completion) pairs with a sequence-classification reward model.
+    """Scores (prompt, completion) pairs with a sequence-classification reward model (transformers).
 
     Args:
         model (`str` or [`~transformers.PreTrainedModel`]):
             Reward model id/folder, or a loaded `AutoModelForSequenceClassification`.
+        args ([`RewardArguments`] with `device` and `trust_remote_code`, e.g. [`ScoreConfig`]):
+            `reward_tokenizer_name_or_path` (default: the model's), `reward_max_length` (tokens kept per text, the
+            start kept; truncations are counted and reported), `reward_batch_size` (texts per forward pass, sorted by
+            length), `reward_dtype` (rewards are returned as float32 either way; a bfloat16 head quantises rewards,
+            which creates ties), `reward_label_index` (which logit is the reward), `reward_model_init_kwargs`.
         processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
-            Its tokenizer; defaults to the one saved with the model.
-        max_length (`int`, *optional*):
-            Tokens kept per text (the start is kept); truncated texts are counted and reported. `None`: no limit.
-        batch_size (`int`, *optional*, defaults to `8`):
-            Texts per forward pass (texts are sorted by length, longest first).
-        dtype (`str`, *optional*, defaults to `"auto"`):
-            Model dtype. Rewards are returned as float32 either way; note that a bfloat16 head quantises rewards,
-            which creates ties.
-        device (`str`, *optional*, defaults to `"auto"`):
-            Device (`"auto"`: CUDA when available).
-        label_index (`int`, *optional*, defaults to `0`):
-            Which logit is the reward (for heads with several labels).
-        trust_remote_code (`bool`, *optional*, defaults to `False`), revision (`str`, *optional*),
-        model_init_kwargs (`dict`, *optional*):
-            Passed to `from_pretrained`.
+            The reward model's tokenizer, overriding `args.reward_tokenizer_name_or_path`.
     """
 
-    def __init__(
-        self,
-        model,
-        processing_class=None,
-        *,
-        max_length=None,
-        batch_size=8,
-        dtype="auto",
-        device="auto",
-        label_index=0,
-        trust_remote_code=False,
-        revision=None,
-        model_init_kwargs=None,
-    ):
-        if processing_class is None or isinstance(processing_class, str):
-            name = processing_class or (model if isinstance(model, str) else getattr(model, "name_or_path", None))
-            processing_class = load_tokenizer(name, trust_remote_code=trust_remote_code, revision=revision)
-        if processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
-        self.tokenizer = processing_class
+    def __init__(self, model, args, processing_class=None):
+        self.tokenizer = load_reward_tokenizer(model, args, processing_class)
         self.model = load_model(
             model,
             "AutoModelForSequenceClassification",
-            dtype=dtype,
-            device=device,
-            trust_remote_code=trust_remote_code,
-            revision=revision,
-            model_init_kwargs=model_init_kwargs,
+            dtype=args.reward_dtype,
+            device=args.device,
+            trust_remote_code=args.trust_remote_code,
+            model_init_kwargs=args.reward_model_init_kwargs,
         )
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         num_labels = getattr(self.model.config, "num_labels", 1)
-        if not 0 <= label_index < num_labels:
-            raise ValueError(f"label_index={label_index} but the reward model has {num_labels} label(s).")
+        if not 0 <= args.reward_label_index < num_labels:
+            raise ValueError(
+                f"reward_label_index={args.reward_label_index} but the reward model has {num_labels} label(s)."
+            )
         self.name = os.path.basename(str(getattr(self.model, "name_or_path", "reward_model")).rstrip("/"))
-        self.max_length, self.batch_size, self.label_index = max_length, batch_size, label_index
+        self.max_length, self.batch_size, self.label_index = (
+            args.reward_max_length,
+            args.reward_batch_size,
+            args.reward_label_index,
+        )
         self.num_truncated = 0
 
-    def __call__(self, prompts, completions, progress=None, **kwargs) -> list[float]:
-        import torch
-        from trl.trainer.utils import pad
-
+    def token_ids(self, prompts, completions) -> list[list[int]]:
+        """The reward model's input ids of each (prompt, completion), truncated to `max_length` (counted)."""
         texts = completion_texts(prompts, completions, self.tokenizer)
         ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         if self.max_length is not None:
             self.num_truncated += sum(len(x) > self.max_length for x in ids)
             ids = [x[: self.max_length] for x in ids]
+        return ids
+
+    def __call__(self, prompts, completions, progress=None, **kwargs) -> list[float]:
+        import torch
+        from trl.trainer.utils import pad
+
+        ids = self.token_ids(prompts, completions)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         rewards = [math.nan] * len(ids)
         device = self.model.device
@@ -218,7 +208,7 @@ class RewardFunctionScorer:
             kwargs = {key: values[start:end] for key, values in columns.items()}
             kwargs.update(trainer_state=None, log_extra=_noop, log_metric=_noop)
             if self.tokenizer is not None:
-                kwargs["completion_ids"] = self._completion_ids(completions[start:end])
+                kwargs[COMPLETION_IDS] = self._completion_ids(completions[start:end])
             output = self.func(prompts=prompts[start:end], completions=completions[start:end], **kwargs)
             if inspect.isawaitable(output):
                 output = asyncio.run(output)
@@ -270,46 +260,52 @@ class CombinedScorer:
         return [f"{w} * {s.name}" for s, w in zip(self.scorers, self.weights, strict=True)]
 
 
-def make_scorer(
-    reward_model=None,
-    reward_funcs: Sequence | None = None,
-    reward_weights: Sequence[float] | None = None,
-    *,
-    reward_processing_class=None,
-    processing_class=None,
-    max_length: int | None = None,
-    batch_size: int = 8,
-    dtype: str | None = "auto",
-    device: str | None = "auto",
-    label_index: int = 0,
-    trust_remote_code: bool = False,
-    reward_model_init_kwargs: dict | None = None,
-) -> CombinedScorer:
-    """The scorer of [`score_dataset`] (see its arguments)."""
-    reward_model, reward_processing_class = path_str(reward_model), path_str(reward_processing_class)
-    processing_class = path_str(processing_class)
-    if isinstance(processing_class, str):
-        processing_class = load_tokenizer(processing_class, trust_remote_code=trust_remote_code)
+def make_scorer(args, reward_model=None, reward_funcs=None, processing_class=None, backend: str = "transformers"):
+    """The weighted reward of `args` ([`RewardArguments`] with `device` and `trust_remote_code`).
+
+    Args:
+        args ([`ScoreConfig`] or [`EvaluateConfig`]):
+            The reward options.
+        reward_model (`str` or [`~transformers.PreTrainedModel`], *optional*):
+            Overrides `args.reward_model_name_or_path` (e.g. an already-loaded model).
+        reward_funcs (`list[Callable | str]`, *optional*):
+            Overrides `args.reward_funcs` (callables, import paths or TRL names).
+        processing_class ([`~transformers.PreTrainedTokenizerBase`] or `str`, *optional*):
+            The policy's tokenizer, to pass `completion_ids` to reward functions.
+        backend (`str`, *optional*, defaults to `"transformers"`):
+            Backend of the reward model: `"transformers"`, or `"vllm"` (vLLM's pooling runner; `args` then also
+            holds the [`VLLMArguments`]).
+    """
+    reward_model = path_str(reward_model if reward_model is not None else args.reward_model_name_or_path)
+    reward_funcs = reward_funcs if reward_funcs is not None else args.reward_funcs
     if isinstance(reward_funcs, str) or callable(reward_funcs):
         reward_funcs = [reward_funcs]
+    processing_class = path_str(processing_class)
+    if isinstance(processing_class, str):
+        processing_class = load_tokenizer(processing_class, trust_remote_code=args.trust_remote_code)
     scorers = []
     if reward_model is not None:
-        scorers.append(
-            RewardModelScorer(
-                reward_model,
-                reward_processing_class,
-                max_length=max_length,
-                batch_size=batch_size,
-                dtype=dtype,
-                device=device,
-                label_index=label_index,
-                trust_remote_code=trust_remote_code,
-                model_init_kwargs=reward_model_init_kwargs,
-            )
-        )
+        if backend == "vllm":
+            if not isinstance(reward_model, str):
+                raise ValueError("backend='vllm' loads the reward model itself: pass its name or path.")
+            from .vllm_engine import VLLMRewardScorer
+
+            scorers.append(VLLMRewardScorer(reward_model, args))
+        else:
+            scorers.append(RewardModelScorer(reward_model, args))
     for func in reward_funcs or []:
-        scorers.append(RewardFunctionScorer(func, processing_class, batch_size=max(batch_size, 64)))
-    return CombinedScorer(scorers, reward_weights)
+        scorers.append(RewardFunctionScorer(func, processing_class, batch_size=max(args.reward_batch_size, 64)))
+    return CombinedScorer(scorers, args.reward_weights)
+
+
+def reward_names(reward_model, reward_funcs) -> list[str]:
+    """Printable names of the rewards (for manifests and logs): the reward model first, then the functions."""
+    names = [model_name(reward_model)] if reward_model is not None else []
+    names += [
+        f if isinstance(f, str) else f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', f)}"
+        for f in (reward_funcs or [])
+    ]
+    return names
 
 
 def _check_completion(value, column: str, row: int, position: int | None) -> None:
@@ -324,27 +320,7 @@ def _check_completion(value, column: str, row: int, position: int | None) -> Non
     )
 
 
-def score_dataset(
-    dataset,
-    reward_model=None,
-    reward_funcs: Sequence | None = None,
-    reward_weights: Sequence[float] | None = None,
-    *,
-    columns: Sequence[str] | None = None,
-    reward_processing_class=None,
-    processing_class=None,
-    max_length: int | None = None,
-    batch_size: int = 8,
-    dtype: str | None = "auto",
-    device: str | None = "auto",
-    label_index: int = 0,
-    trust_remote_code: bool = False,
-    reward_model_init_kwargs: dict | None = None,
-    output_dir: str | None = None,
-    num_shards: int = 1,
-    shard_index: int = 0,
-    chunk_size: int = 64,
-):
+def score_dataset(dataset, args: ScoreConfig, reward_model=None, reward_funcs=None, processing_class=None):
     """Score the dataset's completions and every reference completion.
 
     Writes `reward` for `completion`, `chosen_reward` / `rejected_reward` for `chosen` / `rejected`, and
@@ -356,45 +332,31 @@ def score_dataset(
     Args:
         dataset ([`~datasets.Dataset`]):
             Dataset with `prompt` and at least one of `completion`, `chosen`, `rejected`, `ref_completions`.
+        args ([`ScoreConfig`]):
+            The reward ([`RewardArguments`]: reward model and/or reward functions, weights, reward-model options),
+            the columns to score, the backend, and the resumable run ([`ShardArguments`]). Reward functions have
+            TRL's signature `f(prompts, completions, **kwargs) -> list[float | None]`; they receive the row's other
+            columns as keyword lists, `completion_ids` when a policy tokenizer is given, and `trainer_state=None`,
+            `log_extra`, `log_metric` (no-ops) like in GRPO.
         reward_model (`str` or [`~transformers.PreTrainedModel`], *optional*):
-            A sequence-classification reward model (id, folder or loaded model).
+            Overrides `args.reward_model_name_or_path`, e.g. with a loaded model.
         reward_funcs (`list[Callable | str]`, *optional*):
-            Reward functions `f(prompts, completions, **kwargs) -> list[float | None]` (or import paths, or TRL's
-            built-in names). They receive the row's other columns as keyword lists, `completion_ids` when
-            `processing_class` is given, and `trainer_state=None`, `log_extra`, `log_metric` (no-ops) like in GRPO.
-        reward_weights (`list[float]`, *optional*):
-            One weight per reward: the reward model first (when given), then the functions in order. Default: 1 each.
-        columns (`list[str]`, *optional*):
-            Completion columns to score (default: every one of `completion`, `chosen`, `rejected`,
-            `ref_completions` present).
-        reward_processing_class ([`~transformers.PreTrainedTokenizerBase`] or `str`, *optional*):
-            The reward model's tokenizer (default: the one saved with it).
+            Overrides `args.reward_funcs`, e.g. with Python callables.
         processing_class ([`~transformers.PreTrainedTokenizerBase`] or `str`, *optional*):
-            The policy's tokenizer, to pass `completion_ids` to reward functions.
-        max_length (`int`, *optional*):
-            Reward-model tokens kept per text (the paper: 2048); truncations are counted and reported.
-        batch_size (`int`, *optional*, defaults to `8`):
-            Texts per reward-model forward pass (reward functions get at least 64 completions per call).
-        dtype (`str`, *optional*, defaults to `"auto"`):
-            Reward-model dtype (`"auto"`, `"float32"`, `"bfloat16"`, `"float16"`).
-        device (`str`, *optional*, defaults to `"auto"`):
-            Reward-model device.
-        label_index (`int`, *optional*, defaults to `0`):
-            Logit used as the reward.
-        trust_remote_code (`bool`, *optional*, defaults to `False`):
-            Allow custom reward-model code.
-        reward_model_init_kwargs (`dict`, *optional*):
-            More keyword arguments for the reward model's `from_pretrained`.
-        output_dir (`str`, *optional*), num_shards (`int`, defaults to `1`), shard_index (`int`, defaults to `0`),
-        chunk_size (`int`, defaults to `64`):
-            Resumable, sharded run, as in [`generate_references`].
+            The policy's tokenizer (default: `args.tokenizer_name_or_path`), to pass `completion_ids` to reward
+            functions.
 
     Returns:
         [`~datasets.Dataset`]: the shard's rows with the reward columns.
     """
-    reward_model, output_dir = path_str(reward_model), path_str(output_dir)
+    reward_model = path_str(reward_model if reward_model is not None else args.reward_model_name_or_path)
+    reward_funcs = reward_funcs if reward_funcs is not None else args.reward_funcs
+    processing_class = processing_class if processing_class is not None else args.tokenizer_name_or_path
+    if reward_model is None and not reward_funcs:
+        raise ValueError("Give a reward: --reward_model_name_or_path and/or --reward_funcs.")
+    output_dir, columns = path_str(args.output_dir), args.columns
     dataset = ensure_prompt_column(dataset)
-    available = [c for c in (*COMPLETION_REWARD_COLUMNS, REF_COMPLETIONS) if c in dataset.column_names]
+    available = [c for c in (*COMPLETION_COLUMNS, REF_COMPLETIONS) if c in dataset.column_names]
     if columns is None:
         columns = available
     unknown = [c for c in columns if c not in available]
@@ -408,7 +370,7 @@ def score_dataset(
         if output in dataset.column_names:
             logger.warning(f"Column '{output}' exists and is replaced by the new rewards.")
             dataset = dataset.remove_columns(output)
-    kwarg_columns = [c for c in dataset.column_names if c not in _NOT_KWARGS]
+    kwarg_columns = reward_function_kwarg_columns(dataset.column_names)
     ref_counts = (
         [len(x) if x is not None else 0 for x in dataset[REF_COMPLETIONS]] if REF_COMPLETIONS in columns else None
     )
@@ -417,44 +379,23 @@ def score_dataset(
         for i in range(len(dataset))
     ]
 
-    reward_names = (
-        [reward_model if isinstance(reward_model, str) else type(reward_model).__name__]
-        if reward_model is not None
-        else []
-    )
-    reward_names += [
-        f if isinstance(f, str) else f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', f)}"
-        for f in (reward_funcs or [])
-    ]
     params = {
-        "rewards": reward_names,
-        "reward_weights": list(reward_weights) if reward_weights else None,
+        "rewards": reward_names(reward_model, reward_funcs),
+        "reward_weights": list(args.reward_weights) if args.reward_weights else None,
         "columns": list(columns),
-        "max_length": max_length,
-        "dtype": dtype,
-        "label_index": label_index,
-        "batch_size": batch_size,
-        "device": device,
+        "max_length": args.reward_max_length,
+        "dtype": args.reward_dtype,
+        "label_index": args.reward_label_index,
+        "batch_size": args.reward_batch_size,
+        "device": args.device,
+        "backend": args.backend,
     }
-    plan = ShardPlan(len(dataset), chunk_size, num_shards, shard_index)
+    plan = ShardPlan(len(dataset), args.chunk_size, args.num_shards, args.shard_index)
     scorer = {}
 
     def process_chunk(rows, indices, progress):
         if "scorer" not in scorer:
-            scorer["scorer"] = make_scorer(
-                reward_model,
-                reward_funcs,
-                reward_weights,
-                reward_processing_class=reward_processing_class,
-                processing_class=processing_class,
-                max_length=max_length,
-                batch_size=batch_size,
-                dtype=dtype,
-                device=device,
-                label_index=label_index,
-                trust_remote_code=trust_remote_code,
-                reward_model_init_kwargs=reward_model_init_kwargs,
-            )
+            scorer["scorer"] = make_scorer(args, reward_model, reward_funcs, processing_class, backend=args.backend)
             logger.info(f"Reward = {' + '.join(scorer['scorer'].description)}")
         data = rows.to_dict()
         prompts, completions, where = [], [], []
@@ -469,10 +410,10 @@ def score_dataset(
                         )
                     for j, ref in enumerate(value):
                         _check_completion(ref, column, row, j)
-                        prompts.append(data["prompt"][pos]), completions.append(ref), where.append((pos, column, j))
+                        prompts.append(data[PROMPT][pos]), completions.append(ref), where.append((pos, column, j))
                 else:
                     _check_completion(value, column, row, None)
-                    prompts.append(data["prompt"][pos]), completions.append(value), where.append((pos, column, None))
+                    prompts.append(data[PROMPT][pos]), completions.append(value), where.append((pos, column, None))
         kwargs = {c: [data[c][pos] for pos, _, _ in where] for c in kwarg_columns}
         rewards = scorer["scorer"](prompts, completions, progress=progress, **kwargs)
         out = {outputs[c]: [[] if c == REF_COMPLETIONS else None for _ in indices] for c in columns}
@@ -491,23 +432,21 @@ def score_dataset(
             rows = rows.add_column(name, values)
         return rows
 
-    result = run_chunked(
-        dataset,
-        process_chunk,
-        plan=plan,
-        output_dir=output_dir,
-        task="score",
-        params=params,
-        soft_params=("batch_size", "device"),
+    task = ChunkedTask(
+        "score",
+        params,
+        soft_params=("batch_size", "device", "backend"),
         units_per_row=units,
         unit="completion",
         desc="Scoring",
     )
+    result = run_chunked(dataset, process_chunk, task, plan, output_dir)
     rm = scorer.get("scorer")
     if rm is not None:
         truncated = sum(getattr(s, "num_truncated", 0) for s in rm.scorers)
         if truncated:
             logger.warning(
-                f"{truncated} texts were longer than max_length={max_length} and were truncated for the reward model."
+                f"{truncated} texts were longer than reward_max_length={args.reward_max_length} and were truncated for "
+                "the reward model."
             )
     return result

@@ -48,100 +48,8 @@ if __name__ == "__main__" and importlib.util.find_spec("trl_qrpo") is None:
 from trl import ScriptArguments as _TrlScriptArguments  # noqa: E402 (after the path fix above)
 
 
-# QRPO: file suffixes that name a data file rather than a Hub data set, and the `datasets` builder that reads them.
-DATA_FILE_BUILDERS = {
-    ".jsonl": "json",
-    ".json": "json",
-    ".jsonl.gz": "json",
-    ".json.gz": "json",
-    ".parquet": "parquet",
-    ".csv": "csv",
-    ".arrow": "arrow",
-}
-
-
-def _data_file_builder(path: str) -> str | None:
-    lowered = path.lower()
-    for suffix, builder in DATA_FILE_BUILDERS.items():
-        if lowered.endswith(suffix):
-            return builder
-    return None
-
-
-def _saved_to_disk_kind(path: Path) -> str | None:
-    """ "dict" for a `DatasetDict.save_to_disk` folder, "dataset" for a `Dataset.save_to_disk` folder, else None."""
-    if not path.is_dir():
-        return None
-    if (path / "dataset_dict.json").is_file():
-        return "dict"
-    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
-        return "dataset"
-    return None
-
-
-def load_dataset_by_name(name: str, config: str | None = None, train_split: str = "train", streaming: bool = False):
-    """
-    QRPO: `ScriptArguments.dataset_name` accepts local data as well as Hub ids.
-
-    - a folder written by `save_to_disk`: read with `load_from_disk` (a single `Dataset` becomes the `train_split`);
-    - a .json/.jsonl/.parquet/.csv/.arrow file (or glob): read with the matching builder, as the `train_split`;
-    - anything else: `datasets.load_dataset(name, name=config, streaming=streaming)`, as in TRL's dpo script.
-
-    Returns a `DatasetDict` (or `IterableDatasetDict` when streaming a Hub data set or file).
-    """
-    import datasets
-
-    path = Path(name).expanduser()
-    kind = _saved_to_disk_kind(path)
-    if kind is not None:
-        loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.Dataset):
-            loaded = datasets.DatasetDict({train_split: loaded})
-        return loaded
-
-    builder = _data_file_builder(name)
-    if builder is not None:
-        if not any(char in name for char in "*?[") and not path.is_file():
-            raise FileNotFoundError(f"Data file {name!r} (dataset_name) does not exist.")
-        loaded = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
-        container = datasets.IterableDatasetDict if streaming else datasets.DatasetDict
-        return container({train_split: loaded})
-
-    if path.is_dir() and not any(path.iterdir()):
-        raise ValueError(f"dataset_name {name!r} is an empty folder.")
-    return datasets.load_dataset(name, name=config, streaming=streaming)
-
-
-def localize_mixture(mixture_config):
-    """
-    QRPO: make TRL's `get_dataset` read local data too, by rewriting local entries of `datasets:` into the
-    builder + `data_files` form that `datasets.load_dataset` understands (Hub entries are left as they are).
-
-    - a `Dataset.save_to_disk` folder -> `arrow` builder over its shards, under the entry's `split`;
-    - a `DatasetDict.save_to_disk` folder -> `arrow` builder with one `data_files` entry per saved split;
-    - a .json/.jsonl/.parquet/.csv/.arrow file -> the matching builder, under the entry's `split`.
-    """
-    entries = []
-    for entry in mixture_config.datasets:
-        path = Path(entry.path).expanduser()
-        kind = _saved_to_disk_kind(path)
-        builder = _data_file_builder(entry.path)
-        if kind == "dataset":
-            entry = dataclasses.replace(entry, path="arrow", data_files={entry.split: str(path / "data-*.arrow")})
-        elif kind == "dict":
-            import json
-
-            with open(path / "dataset_dict.json") as handle:
-                splits = json.load(handle)["splits"]
-            if entry.split not in splits:
-                raise ValueError(f"Split {entry.split!r} not in {entry.path} (splits: {', '.join(splits)}).")
-            entry = dataclasses.replace(
-                entry, path="arrow", data_files={entry.split: str(path / entry.split / "data-*.arrow")}
-            )
-        elif builder is not None and (path.is_file() or any(char in entry.path for char in "*?[")):
-            entry = dataclasses.replace(entry, path=builder, data_files={entry.split: str(path)})
-        entries.append(entry)
-    return dataclasses.replace(mixture_config, datasets=entries)
+# QRPO: one dataset loader for this script and the pre-computation commands (local folders and files too).
+from trl_qrpo.loading import load_dataset_by_name, localize_mixture, with_test_split  # noqa: E402
 
 
 def _get_split(dataset, split: str, argument: str):
@@ -160,8 +68,12 @@ def main(script_args, training_args, model_args, dataset_args):
     from trl import get_dataset, get_peft_config, get_quantization_config
 
     from trl_qrpo import QRPOTrainer
+    from trl_qrpo.distributed import check_every_launched_process_joined
 
     logger = get_logger(__name__)
+    # QRPO: on a multi-process launch without a GPU, refuse processes that did not form one group (they would each
+    # train alone). The parser's defaults set such launches up (see `apply_cpu_only_launch_defaults` below).
+    check_every_launched_process_joined(training_args)
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,
@@ -188,6 +100,14 @@ def main(script_args, training_args, model_args, dataset_args):
             config=script_args.dataset_config,
             train_split=script_args.dataset_train_split,
             streaming=script_args.dataset_streaming,
+        )
+        # QRPO: `test_split_size` applies to `dataset_name` too (TRL applies it to mixtures only).
+        dataset = with_test_split(
+            dataset,
+            script_args.dataset_train_split,
+            script_args.dataset_test_split,
+            dataset_args.test_split_size,
+            training_args.seed,
         )
     else:
         raise ValueError("Either `datasets` or `dataset_name` must be provided.")
@@ -281,6 +201,11 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 if __name__ == "__main__":
+    from trl_qrpo.distributed import apply_cpu_only_launch_defaults
+
     parser = make_parser()
+    # QRPO: a multi-process launch without a GPU gets ddp_backend="gloo" (DeepSpeed) or use_cpu=True (DDP) as
+    # defaults, before the flags become a QRPOConfig (building it sets accelerate's state up); the user's values win.
+    apply_cpu_only_launch_defaults(parser)
     script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(fail_with_unknown_args=False)
     main(script_args, training_args, model_args, dataset_args)

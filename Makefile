@@ -1,0 +1,36 @@
+# trl-qrpo: the two commands of a first hour, and the set-up they share.
+#
+#   make quickstart   set up (once), then QRPO on SmolLM2-135M-Instruct with a sentiment reward: offline, CPU
+#   make test         set up (once), then the test suite: offline, CPU
+#   make setup        only the set-up: .venv with PyTorch (CPU build), trl-qrpo and the offline assets
+#
+# Variables: VENV (default .venv), PYTHON (the interpreter that creates it, default python3, 3.10+),
+# TORCH_INDEX_URL (see tools/setup_env.sh), QUICKSTART_ARGS (e.g. "--small", or an output folder),
+# PYTEST_ARGS (e.g. PYTEST_ARGS='-m "not slow"' or PYTEST_ARGS=tests/test_docs.py).
+
+VENV ?= $(CURDIR)/.venv
+PYTHON ?= python3
+QUICKSTART_ARGS ?=
+PYTEST_ARGS ?=
+
+# Nothing in the tests or the quick start needs the Hugging Face Hub: say so, so that no library tries to reach it.
+OFFLINE = HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
+# The venv's commands (trl, trl-qrpo, python) first on PATH, as after `source .venv/bin/activate`.
+ACTIVATE = PATH="$(VENV)/bin:$$PATH" VIRTUAL_ENV="$(VENV)"
+
+.PHONY: setup quickstart test help
+
+help:
+	@sed -n '3,5p' Makefile | sed 's/^# *//'
+
+setup:
+	@VENV="$(VENV)" PYTHON="$(PYTHON)" bash tools/setup_env.sh
+
+quickstart: setup
+	$(ACTIVATE) $(OFFLINE) PYTHON="$(VENV)/bin/python" bash recipes/quickstart/run.sh $(QUICKSTART_ARGS)
+
+# pytest's exit status is the recipe's: any non-zero one fails `make test`, 5 ("no tests collected") included.
+test: setup
+	@$(ACTIVATE) $(OFFLINE) "$(VENV)/bin/python" -m pytest $(PYTEST_ARGS); status=$$?; \
+	if [ $$status = 5 ]; then echo "make test: pytest collected no tests (exit status 5): a failure" >&2; fi; \
+	exit $$status

