@@ -5,6 +5,7 @@
 #   make setup        only the set-up: .venv with PyTorch (CPU build), trl-qrpo and the offline assets
 #
 # Variables: VENV (default .venv), PYTHON (the interpreter that creates it, default python3, 3.10+),
+# SETUP_OPTIONAL=0 (skip the optional vLLM and sandbox set-ups),
 # TORCH_INDEX_URL (see tools/setup_env.sh), QUICKSTART_ARGS (e.g. "--small", or an output folder),
 # PYTEST_ARGS (e.g. PYTEST_ARGS='-m "not slow"' or PYTEST_ARGS=tests/test_docs.py).
 
@@ -27,10 +28,14 @@ setup:
 	@VENV="$(VENV)" PYTHON="$(PYTHON)" bash tools/setup_env.sh
 
 quickstart: setup
-	$(ACTIVATE) $(OFFLINE) PYTHON="$(VENV)/bin/python" bash recipes/quickstart/run.sh $(QUICKSTART_ARGS)
+	@echo "[quickstart] bash recipes/quickstart/run.sh $(QUICKSTART_ARGS)   (with $(VENV)/bin first on PATH, offline)"
+	@$(ACTIVATE) $(OFFLINE) PYTHON="$(VENV)/bin/python" bash recipes/quickstart/run.sh $(QUICKSTART_ARGS)
 
 # pytest's exit status is the recipe's: any non-zero one fails `make test`, 5 ("no tests collected") included.
+# TRL_QRPO_VLLM_PYTHON: the vLLM CPU environment that the optional set-up built, when it did (see tools/setup_env.sh).
 test: setup
-	@$(ACTIVATE) $(OFFLINE) "$(VENV)/bin/python" -m pytest $(PYTEST_ARGS); status=$$?; \
+	@vllm_python="$$(cat "$(VENV)/.trl-qrpo-vllm-python" 2>/dev/null)"; \
+	if [ -n "$$vllm_python" ] && [ -z "$${TRL_QRPO_VLLM_PYTHON:-}" ]; then export TRL_QRPO_VLLM_PYTHON="$$vllm_python"; fi; \
+	$(ACTIVATE) $(OFFLINE) "$(VENV)/bin/python" -m pytest $(PYTEST_ARGS); status=$$?; \
 	if [ $$status = 5 ]; then echo "make test: pytest collected no tests (exit status 5): a failure" >&2; fi; \
 	exit $$status

@@ -1,7 +1,10 @@
-"""Reference generation: trl_qrpo.reference.generate_references against a plain batched generate loop (issue item 4).
+"""Reference generation: trl_qrpo.precompute.generate_references against a plain batched generate loop (issue item 4),
+and the vLLM backend against a plain `vllm.LLM.generate` loop and against transformers (issue 11).
 
     python benchmarks/bench_generation.py                          # CPU, transformers; defaults: tiny,60m, ~2-3 min
     python benchmarks/bench_generation.py --sizes 60m --prompts 32 --num-generations 4 --max-new-tokens 128
+    # vLLM on CPU: the same script with the vLLM environment's python (tools/setup_vllm_env.sh, docs/vllm.md)
+    $TRL_QRPO_VLLM_PYTHON benchmarks/bench_generation.py --sizes smollm2-135m --name generation_vllm_cpu
     # on a GPU machine with vLLM installed (pip install vllm):
     python benchmarks/bench_generation.py --backends transformers,vllm --sizes 60m,smollm2-135m --device cuda
 
@@ -12,11 +15,14 @@ no top_k). Throughput counts the tokens actually generated (up to and including 
   plain           `model.generate(do_sample=True, top_k=0)` on left-padded batches, then `batch_decode`
   generate_refs   `generate_references(backend="transformers")`: per-completion seeds (its own logits processor),
                   tokenisation as the trainer does it, decoding, truncation flags, a datasets.Dataset out
-  vllm / vllm_refs  `vllm.LLM.generate` (SamplingParams n=num_generations) and generate_references(backend="vllm"),
-                  only with --backends ...,vllm on a machine with a GPU and vLLM
+  vllm            a plain `vllm.LLM.generate` call: one request of `SamplingParams(n=num_generations, seed)` per
+                  prompt (token ids in, no detokenisation), on the engine that `vllm_sampler` uses
+  vllm_sampler    our `VLLMSampler.sample` on that same engine: one seeded request per completion, stop tokens cut,
+                  decoding with the transformers tokenizer (target: >= 0.95x the tokens/s of `vllm`)
+  vllm_refs       `generate_references(backend="vllm")` end to end, its own engine start included (one run)
 
-Runs alternate (plain, ours, plain, ours, ...) and the median over --repeats is reported. Writes
-results/generation.json and .png.
+The vLLM rows need vLLM importable (on CPU: the vLLM CPU environment; on GPU: pip install vllm). Runs alternate
+(plain, ours, plain, ours, ...) and the median over --repeats is reported. Writes results/<name>.json and .png.
 """
 
 from __future__ import annotations
@@ -82,44 +88,41 @@ def plain_loop(model, tokenizer, prompts, num_generations, max_new_tokens, batch
     return tokens, len(texts)
 
 
-def ours(
-    model,
-    tokenizer,
-    prompts,
-    num_generations,
-    max_new_tokens,
-    batch_size,
-    seed,
-    backend="transformers",
-    vllm_kwargs=None,
-):
+def ours(model, tokenizer, prompts, num_generations, max_new_tokens, batch_size, seed, backend="transformers", **vllm):
+    """`generate_references` on `model` (a loaded model for transformers, a folder for vLLM); (tokens, sequences)."""
     from datasets import Dataset
 
-    from trl_qrpo.reference import generate_references
+    from trl_qrpo.precompute import GenerateConfig, generate_references
 
-    out = generate_references(
-        Dataset.from_dict({"prompt": prompts}),
-        model,
-        tokenizer,
+    config = GenerateConfig(
+        model_name_or_path=model if isinstance(model, str) else None,
         num_generations=num_generations,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         seed=seed,
         backend=backend,
-        dtype=None if backend == "transformers" else "auto",
+        dtype="auto" if backend == "transformers" else "float32",
         chunk_size=max(64, len(prompts)),
-        vllm_kwargs=vllm_kwargs,
+        **vllm,
     )
+    out = generate_references(Dataset.from_dict({"prompt": prompts}), config, model, tokenizer)
     return sum(sum(row) for row in out["ref_num_tokens"]), sum(len(row) for row in out["ref_num_tokens"])
 
 
-def vllm_plain(llm, prompts, num_generations, max_new_tokens, seed):
+def vllm_plain(llm, prompt_ids, num_generations, max_new_tokens, seed):
+    """The baseline: one `llm.generate` call, a request of n samples per prompt; (tokens, sequences)."""
     from vllm import SamplingParams
 
     params = SamplingParams(
-        n=num_generations, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=max_new_tokens, seed=seed
+        n=num_generations,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=-1,
+        max_tokens=max_new_tokens,
+        seed=seed,
+        detokenize=False,
     )
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], params, use_tqdm=False)
     return sum(len(c.token_ids) for o in outputs for c in o.outputs), sum(len(o.outputs) for o in outputs)
 
 
@@ -182,50 +185,79 @@ def run_size(size: str, args) -> dict:
         }
     plain, mine = result["runs"]["plain"], result["runs"]["generate_refs"]
     result["ratio_tokens_per_s"] = mine["tokens_per_s"] / plain["tokens_per_s"]
+    vllm, wrapper = result["runs"].get("vllm", {}), result["runs"].get("vllm_sampler", {})
+    if "tokens_per_s" in vllm and "tokens_per_s" in wrapper:
+        result["ratio_vllm_sampler_tokens_per_s"] = wrapper["tokens_per_s"] / vllm["tokens_per_s"]
+        result["ratio_vllm_vs_transformers_tokens_per_s"] = vllm["tokens_per_s"] / plain["tokens_per_s"]
     return result
 
 
 def run_vllm(path, tokenizer, prompts, args) -> dict:
     import importlib.util
+    import os
 
     import torch
 
-    reason = None
-    if not torch.cuda.is_available():
-        reason = "not measured (no GPU lent)"
-    elif importlib.util.find_spec("vllm") is None:
-        reason = "not measured (vllm not installed)"
-    if reason:
-        return {"vllm": [{"not_measured": reason}], "vllm_refs": [{"not_measured": reason}]}
-    from vllm import LLM
+    names = ("vllm", "vllm_sampler", "vllm_refs")
+    if importlib.util.find_spec("vllm") is None:
+        reason = "not measured (vllm not importable: run with the vLLM environment's python, docs/vllm.md)"
+        return {name: [{"not_measured": reason}] for name in names}
+    from trl_qrpo.precompute import GenerateConfig
+    from trl_qrpo.precompute.sampling import sample_seed, tokenize_prompt
+    from trl_qrpo.precompute.vllm_engine import VLLMSampler
 
-    runs = {"vllm": [], "vllm_refs": []}
-    # two engines, one after the other, in one process: each takes a share of the GPU's memory only
-    llm = LLM(model=str(path), seed=0, dtype="float32", gpu_memory_utilization=VLLM_MEMORY)
-    vllm_plain(llm, prompts[:2], 1, 4, 0)
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        tokens, seqs = vllm_plain(llm, prompts, args.num_generations, args.max_new_tokens, 0)
-        elapsed = time.perf_counter() - start
-        runs["vllm"].append({"s": elapsed, "tokens": tokens, "sequences": seqs, "tokens_per_s": tokens / elapsed})
-    del llm
+    on_gpu = torch.cuda.is_available()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    engine = {
+        "vllm_enforce_eager": not on_gpu,
+        "vllm_max_model_length": args.vllm_max_model_length,
+        "vllm_gpu_memory_utilization": VLLM_MEMORY,
+    }
+    config = GenerateConfig(
+        model_name_or_path=str(path),
+        backend="vllm",
+        dtype="float32",
+        num_generations=args.num_generations,
+        max_new_tokens=args.max_new_tokens,
+        seed=0,
+        **engine,
+    )
+    start = time.perf_counter()
+    sampler = VLLMSampler(str(path), tokenizer, config)  # one engine for the plain loop and the wrapper
+    engine_start = time.perf_counter() - start
+    prompt_ids = [tokenize_prompt(tokenizer, {"prompt": p}) for p in prompts]
+    seeds = [[sample_seed(0, i, j) for j in range(args.num_generations)] for i in range(len(prompts))]
+
+    def plain():
+        return vllm_plain(sampler.llm, prompt_ids, args.num_generations, args.max_new_tokens, 0)
+
+    def wrapped():
+        samples = sampler.sample(prompt_ids, seeds)
+        return sum(s.num_tokens for row in samples for s in row), sum(len(row) for row in samples)
+
+    vllm_plain(sampler.llm, prompt_ids[:2], 1, 4, 0)  # warm-up
+    sampler.sample(prompt_ids[:2], [s[:1] for s in seeds[:2]])
+    runs = {name: [] for name in names}
+    for rep in range(args.repeats):
+        order = [("vllm", plain), ("vllm_sampler", wrapped)]
+        for name, fn in order if rep % 2 == 0 else order[::-1]:
+            gc.collect()
+            start = time.perf_counter()
+            tokens, seqs = fn()
+            elapsed = time.perf_counter() - start
+            runs[name].append({"s": elapsed, "tokens": tokens, "sequences": seqs, "tokens_per_s": tokens / elapsed})
+    runs["vllm"][0]["engine_start_s"] = engine_start
+    sampler = None  # frees the engine before generate_references starts its own
     gc.collect()
-    torch.cuda.empty_cache()
-    for _ in range(args.repeats):  # generate_references starts its own engine (its start-up is counted here)
-        start = time.perf_counter()
-        tokens, seqs = ours(
-            str(path),
-            tokenizer,
-            prompts,
-            args.num_generations,
-            args.max_new_tokens,
-            args.batch_size,
-            0,
-            "vllm",
-            {"gpu_memory_utilization": VLLM_MEMORY, "dtype": "float32"},
-        )
-        elapsed = time.perf_counter() - start
-        runs["vllm_refs"].append({"s": elapsed, "tokens": tokens, "sequences": seqs, "tokens_per_s": tokens / elapsed})
+    if on_gpu:
+        torch.cuda.empty_cache()
+    # generate_references starts its own engine (its start-up is counted here): one run
+    start = time.perf_counter()
+    tokens, seqs = ours(
+        str(path), tokenizer, prompts, args.num_generations, args.max_new_tokens, args.batch_size, 0, "vllm", **engine
+    )
+    elapsed = time.perf_counter() - start
+    runs["vllm_refs"].append({"s": elapsed, "tokens": tokens, "sequences": seqs, "tokens_per_s": tokens / elapsed})
     return runs
 
 
@@ -239,8 +271,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="sequences per generate call (both sides)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument(
-        "--backends", default="transformers,vllm", help="transformers[,vllm] (vllm rows need a GPU and vllm)"
+        "--backends", default="transformers,vllm", help="transformers[,vllm] (vllm rows need vllm importable)"
     )
+    p.add_argument("--vllm-max-model-length", type=int, default=512, help="vLLM context length (prompt + completion)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out-dir", default=None)

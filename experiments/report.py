@@ -4,12 +4,16 @@
 
 Reads `work_dir/eval/reference-s*/result.json` and `work_dir/runs/*/result.json`, writes to `results_dir`:
 results.json (everything), main.csv (method x beta, mean and std over seeds), sweep_transforms.csv,
-sweep_num_ref_rewards.csv, reward_vs_kl.png, length_vs_reward.png, qrpo_sweeps.png, examples.md.
+sweep_num_ref_rewards.csv, reward_vs_kl.png, length_vs_reward.png, qrpo_sweeps.png, examples.md (for the groups
+main ... baseline_beta); with the `frontier` / `pointwise` groups (the --frontier profile): frontier.png (reward and
+length of fresh samples against KL, one curve per method over its betas, bars = std over seeds), frontier.csv,
+frontier_table.md.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 from pathlib import Path
@@ -18,6 +22,15 @@ import numpy as np
 
 LABELS = {"qrpo": "QRPO", "dpo": "DPO", "simpo": "SimPO", "rebel": "REBEL", "reference": "pi_ref"}
 COLORS = {"qrpo": "tab:red", "dpo": "tab:blue", "simpo": "tab:green", "rebel": "tab:purple", "reference": "black"}
+FRONTIER_GROUPS = ("frontier", "pointwise")
+# frontier curves: (method, training data) -> label, color, line style
+CURVES = {
+    ("qrpo", "pairs"): ("QRPO (best/worst pairs)", "tab:red", "-"),
+    ("qrpo", "pointwise"): ("QRPO pointwise (all samples)", "tab:orange", "--"),
+    ("dpo", "pairs"): ("DPO (best/worst pairs)", "tab:blue", "-"),
+    ("simpo", "pairs"): ("SimPO (best/worst pairs)", "tab:green", "-"),
+    ("rebel", "pairs"): ("REBEL (best/worst pairs)", "tab:purple", "-"),
+}
 METRICS = (
     "reward",
     "kl",
@@ -33,6 +46,11 @@ METRICS = (
 
 def _load(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def _data(run: dict) -> str:
+    """The training data of a run: "pairs" (every run before the pointwise group) or "pointwise"."""
+    return run.get("data") or "pairs"
 
 
 def _stat(values: list) -> tuple[float | None, float | None]:
@@ -62,7 +80,9 @@ def aggregate(results: list[dict], keys: tuple[str, ...]) -> list[dict]:
             row["reward_stderr"] = runs[0]["eval"].get("reward_stderr")
             row["kl_stderr"] = runs[0]["eval"].get("kl_stderr")
         row["train_seconds"] = _stat([r.get("train_seconds") for r in runs])[0]
+        row["eval_seconds"] = _stat([r.get("eval_seconds") for r in runs])[0]
         row["train_steps"] = runs[0].get("train", {}).get("steps")
+        row["sequences_per_step"] = runs[0].get("train", {}).get("sequences_per_step")
         rows.append(row)
     return rows
 
@@ -113,7 +133,8 @@ def markdown_table(main_rows: list[dict], reference: dict | None) -> str:
 def build_report(cfg: dict, work: Path, results_dir: Path) -> dict:
     results_dir.mkdir(parents=True, exist_ok=True)
     ref_runs = [_load(p) for p in sorted((work / "eval").glob("reference-s*/result.json"))]
-    runs = [_load(p) for p in sorted((work / "runs").glob("*/result.json"))]
+    all_runs = [_load(p) for p in sorted((work / "runs").glob("*/result.json"))]
+    runs = [r for r in all_runs if _data(r) == "pairs"]  # the method comparison and QRPO sweeps: pairs only
     main_betas = {m: float(v["betas"][0]) for m, v in cfg["methods"].items()}
     qrpo_default = cfg["methods"]["qrpo"].get("transform", "identity")
     n_max = cfg["references"]["num_ref_rewards"]
@@ -158,9 +179,21 @@ def build_report(cfg: dict, work: Path, results_dir: Path) -> dict:
     data_stats = _load(work / "data_stats.json") if (work / "data_stats.json").exists() else None
     timing = _load(work / "timing.json") if (work / "timing.json").exists() else None
 
-    write_csv(results_dir / "main.csv", ([dict(reference, beta=None)] if reference else []) + main_rows)
-    write_csv(results_dir / "sweep_transforms.csv", transform_rows)
-    write_csv(results_dir / "sweep_num_ref_rewards.csv", n_rows_matched)
+    groups = cfg.get("groups", [])
+    classic = [g for g in groups if g not in FRONTIER_GROUPS]
+    if classic:
+        write_csv(results_dir / "main.csv", ([dict(reference, beta=None)] if reference else []) + main_rows)
+        write_csv(results_dir / "sweep_transforms.csv", transform_rows)
+        write_csv(results_dir / "sweep_num_ref_rewards.csv", n_rows_matched)
+    frontier_rows = None
+    if any(g in FRONTIER_GROUPS for g in groups):
+        frontier_rows = frontier_table(cfg, all_runs)
+        write_csv(results_dir / "frontier.csv", ([dict(reference, beta=None)] if reference else []) + frontier_rows)
+        kl_grid = [float(k) for k in cfg.get("frontier_sweep", {}).get("kl_grid", [])]
+        (results_dir / "frontier_table.md").write_text(
+            frontier_markdown(frontier_rows, reference, kl_grid, _load_if(work / "pointwise_stats.json"))
+        )
+        _frontier_plot(results_dir / "frontier.png", frontier_rows, reference)
     summary = {
         "config": cfg,
         "data": data_stats,
@@ -170,18 +203,167 @@ def build_report(cfg: dict, work: Path, results_dir: Path) -> dict:
         "qrpo_transforms": transform_rows,
         "qrpo_num_ref_rewards": n_rows_matched,
         "qrpo_num_ref_rewards_all_seeds": n_rows,
+        "frontier": frontier_rows,
+        "pointwise_data": _load_if(work / "pointwise_stats.json"),
         "runs": [
             {k: v for k, v in r.items() if k != "train"}
             | {"train_steps": r["train"]["steps"], "train_loss": r["train"]["train_loss"]}
-            for r in runs
+            for r in all_runs
         ],
         "reference_runs": ref_runs,
     }
     (results_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (results_dir / "main_table.md").write_text(markdown_table(main_rows, reference))
-    _plots(results_dir, main_rows, reference, transform_rows, n_rows_matched, main_betas, cfg["sweep"]["transforms"])
-    _examples(results_dir, work, runs, main_betas, qrpo_default, n_max)
+    if classic:
+        (results_dir / "main_table.md").write_text(markdown_table(main_rows, reference))
+        _plots(
+            results_dir, main_rows, reference, transform_rows, n_rows_matched, main_betas, cfg["sweep"]["transforms"]
+        )
+        _examples(results_dir, work, runs, main_betas, qrpo_default, n_max)
     return summary
+
+
+def _load_if(path: Path):
+    return _load(path) if path.exists() else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reward-KL frontiers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def frontier_table(cfg: dict, runs: list[dict]) -> list[dict]:
+    """One row per (method, data, beta) of the runs planned in a frontier group (the groups each result.json
+    records): mean and std over seeds, in curve order and, within a curve, from the largest beta (least KL) to the
+    smallest."""
+    chosen = [dict(r, data=_data(r)) for r in runs if set(r.get("groups", [])) & set(FRONTIER_GROUPS)]
+    order = {key: i for i, key in enumerate(CURVES)}
+    rows = aggregate(chosen, ("method", "data", "beta"))
+    for row in rows:
+        row["curve"] = CURVES[(row["method"], row["data"])][0]
+    return sorted(rows, key=lambda r: (order[(r["method"], r["data"])], -r["beta"]))
+
+
+def interpolate_reward(rows: list[dict], kl: float) -> float | None:
+    """The curve's mean reward at `kl`, linear between its two measured points (in KL order) that bracket it; None
+    outside the measured range. Mean points only: a reading aid, the table's seeds and bars are the evidence."""
+    points = sorted((r["kl"], r["reward"]) for r in rows if r["kl"] is not None and r["reward"] is not None)
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= kl <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (kl - x0) / (x1 - x0)
+    return None
+
+
+def _curves(rows: list[dict]) -> dict:
+    curves: dict[tuple, list[dict]] = {}
+    for r in rows:
+        curves.setdefault((r["method"], r["data"]), []).append(r)
+    return curves
+
+
+def frontier_markdown(rows: list[dict], reference: dict | None, kl_grid: list[float], pointwise: dict | None) -> str:
+    lines = [
+        "# Reward-KL frontiers (held-out prompts; mean ± std over seeds)\n",
+        (
+            "| curve | beta | seeds | reward | KL(pi‖pi_ref) (nats) | length (tokens) | truncated | steps | "
+            "sequences / step |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    if reference:
+        lines.append(
+            f"| pi_ref | – | {reference['num_seeds']} | {_fmt(reference['reward'], reference['reward_std'], signed=True)}"
+            f" | 0 | {_fmt(reference['length'], reference['length_std'], 1)} "
+            f"| {_fmt(reference['truncated_fraction'], None, 2)} | – | – |"
+        )
+    for r in rows:
+        lines.append(
+            f"| {r['curve']} | {r['beta']:g} | {r['num_seeds']} | {_fmt(r['reward'], r['reward_std'], signed=True)} "
+            f"| {_fmt(r['kl'], r['kl_std'], 2)} | {_fmt(r['length'], r['length_std'], 1)} "
+            f"| {_fmt(r['truncated_fraction'], None, 2)} | {r['train_steps']} | {r['sequences_per_step']} |"
+        )
+    if kl_grid:
+        lines += [
+            "",
+            (
+                "Reward read off each frontier at fixed KL (linear between the two betas whose mean KLs bracket it; "
+                "n/a outside the curve's measured range):"
+            ),
+            "",
+            "| curve | " + " | ".join(f"KL = {k:g}" for k in kl_grid) + " |",
+            "|---|" + "---|" * len(kl_grid),
+        ]
+        for (method, data), curve in _curves(rows).items():
+            values = [interpolate_reward(curve, k) for k in kl_grid]
+            lines.append(
+                f"| {CURVES[(method, data)][0]} | "
+                + " | ".join("n/a" if v is None else f"{v:+.3f}" for v in values)
+                + " |"
+            )
+    if pointwise:
+        lines += [
+            "",
+            (
+                f"Pointwise QRPO trains on all {pointwise['rows_per_prompt']} samples of each prompt "
+                f"({pointwise['num_rows']} rows, mean reward {pointwise['reward_mean']:+.3f}); the pair methods on "
+                f"the best and worst of the same samples ({pointwise['fraction_of_rows_in_a_pair']:.0%} of them). "
+                "Same optimizer steps and sequences per step (a pair is 2 sequences)."
+            ),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _frontier_plot(path: Path, rows: list[dict], reference: dict | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, ykey, ylabel in (
+        (axes[0], "reward", "mean VADER reward of fresh samples"),
+        (axes[1], "length", "mean length of fresh samples (tokens)"),
+    ):
+        if reference:
+            _errorbar(
+                ax,
+                [0.0],
+                [reference[ykey]],
+                [0],
+                [reference.get(f"{ykey}_std") or 0],
+                color="black",
+                fmt="*",
+                markersize=12,
+                label="pi_ref",
+            )
+        for (method, data), curve in _curves(rows).items():
+            label, color, style = CURVES[(method, data)]
+            curve = [r for r in curve if r["kl"] is not None]
+            ax.errorbar(
+                [r["kl"] for r in curve],
+                [r[ykey] for r in curve],
+                xerr=[r["kl_std"] or 0 for r in curve],
+                yerr=[r[f"{ykey}_std"] or 0 for r in curve],
+                fmt="o" + style,  # points joined in beta order: the frontier is parametrised by beta
+                color=color,
+                capsize=3,
+                markersize=5,
+                mfc="white" if data == "pointwise" else color,
+                label=label,
+            )
+            for r in curve:
+                ax.annotate(
+                    f"{r['beta']:g}", (r["kl"], r[ykey]), textcoords="offset points", xytext=(4, 4), fontsize=6
+                )
+        ax.set_xlabel("KL(π‖π_ref): mean sequence log-ratio of the policy's own samples (nats)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Reward against KL, one curve per method over β (labels: β)")
+    axes[1].set_title("Length against KL (same runs)")
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle("Held-out prompts; points = mean over seeds, bars = std over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 def _errorbar(ax, x, y, xerr, yerr, **kw):

@@ -4,6 +4,7 @@
     python experiments/run.py --config experiments/config.yaml            # everything (~60 min on 2 idle cores)
     python experiments/run.py --config experiments/config.yaml --quick    # the same pipeline, small (~9 min)
     python experiments/run.py --config experiments/config.yaml --comparison   # the 4 methods x 3 seeds only (~27 min)
+    python experiments/run.py --config experiments/config.yaml --frontier     # reward-KL frontiers (~2 h 20 min)
 
 Stages (each resumes: finished work in `work_dir` is skipped, so a killed run continues when started again):
 
@@ -12,6 +13,8 @@ Stages (each resumes: finished work in `work_dir` is skipped, so a killed run co
 3. score       VADER sentiment of every reference (score_dataset + trl_qrpo.rewards.vader_sentiment)
 4. pairs       best and worst of the first `num_candidates` references (build_offpolicy_dataset, "best_worst");
                the quantiles use the other `num_ref_rewards` references, which were not candidates
+   pointwise   (only when a run needs it) every one of the first `num_candidates` references as its own row
+               (build_offpolicy_dataset, "pointwise"), the same independent references for the quantiles
 5. reference   evaluate pi_ref itself (evaluate_policy) with every eval seed
 6. runs        for each method / beta / seed (and the QRPO sweep): train on the same pairs with the same steps, batch
                and schedule, then evaluate on the held-out prompts: reward, KL (mean sequence log-ratio of the
@@ -74,7 +77,7 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-PROFILES = ("quick", "comparison")  # top-level sections of the config that override the rest when chosen
+PROFILES = ("quick", "comparison", "frontier")  # top-level sections of the config that override the rest when chosen
 
 
 def load_config(path: str, profile: str | None, overrides: list[str]) -> dict:
@@ -229,6 +232,53 @@ def stage_pairs(cfg: dict, work: Path, scored):
     return load_from_disk(str(path))
 
 
+def stage_pointwise(cfg: dict, work: Path, scored, pairs):
+    """Pointwise rows: each of the first C references of every prompt that has a training pair, with its own reward.
+
+    The same samples the pairs were picked from (the pair = best and worst of them), so DPO on the pairs and QRPO
+    on these rows see the same completions; QRPO sees all C of them, each alone with its reward, no pair. Quantiles
+    among the same N independent references as the pairs (references C..C+N-1; `in_ref_rewards` = False).
+    """
+    from datasets import load_from_disk
+
+    from trl_qrpo.precompute import BuildOffPolicyConfig, build_offpolicy_dataset
+
+    path = work / "pointwise"
+    r = cfg["references"]
+    C, N = r["num_candidates"], r["num_ref_rewards"]
+    if not (path / "dataset_info.json").exists():
+        rows = build_offpolicy_dataset(scored, BuildOffPolicyConfig(mode="pointwise", num_candidates=C))
+        keep = set(pairs["prompt_index"])
+        rows = rows.filter(lambda p: p in keep, input_columns=["prompt_index"])
+        all_refs = scored["ref_rewards"]
+        independent = [list(all_refs[i][C : C + N]) for i in rows["prompt_index"]]
+        for row, refs in zip(rows, independent, strict=True):
+            assert row["in_ref_rewards"] and row["ref_rewards"][1 : 1 + N] == refs  # own reward, then C..C+N-1
+        rows = rows.remove_columns(["ref_rewards", "in_ref_rewards"]).add_column("ref_rewards", independent)
+        if len(rows) != C * len(pairs):
+            raise ValueError(f"{len(rows)} pointwise rows for {len(pairs)} pairs of {C} candidates.")
+        rows.save_to_disk(str(path))
+        refs = np.array(independent)
+        reward = np.array(rows["reward"])
+        write_json(
+            work / "pointwise_stats.json",
+            {
+                "num_rows": len(rows),
+                "rows_per_prompt": C,
+                "reward_mean": float(reward.mean()),
+                "quantile_mean": float((refs <= reward[:, None]).mean()),
+                "fraction_of_rows_in_a_pair": 2 / C,
+            },
+        )
+    return load_from_disk(str(path))
+
+
+def train_steps(cfg: dict, num_pairs: int) -> int:
+    """Optimizer steps of a pair run: ceil(pairs / batch) per epoch (the Trainer keeps the last, short batch)."""
+    t = cfg["train"]
+    return math.ceil(num_pairs / t["batch_size"]) * int(t["epochs"])
+
+
 def data_stats(scored, pairs, C: int, N: int) -> dict:
     rewards = np.array(scored["ref_rewards"], dtype=np.float64)  # [prompts, C + N]
     lengths = np.array(scored["ref_num_tokens"], dtype=np.float64)
@@ -273,7 +323,8 @@ def data_stats(scored, pairs, C: int, N: int) -> dict:
 
 def run_id(spec: dict) -> str:
     if spec["method"] == "qrpo":
-        return f"qrpo-{spec['transform']}-b{spec['beta']:g}-n{spec['num_ref_rewards']}-s{spec['seed']}"
+        data = "pointwise-" if spec.get("data", "pairs") == "pointwise" else ""
+        return f"qrpo-{data}{spec['transform']}-b{spec['beta']:g}-n{spec['num_ref_rewards']}-s{spec['seed']}"
     return f"{spec['method']}-b{spec['beta']:g}-s{spec['seed']}"
 
 
@@ -285,14 +336,20 @@ def run_specs(cfg: dict) -> list[dict]:
     - num_ref_rewards: QRPO, first beta, n in `sweep.num_ref_rewards`, seeds `sweep.num_ref_rewards_seeds`
     - transform: QRPO with each transform and beta of `sweep.transforms`, `sweep.seeds`
     - baseline_beta: DPO / SimPO / REBEL at their other betas, `sweep.seeds`
+    - frontier: every method at every beta of `frontier_sweep.betas`, every eval seed (the reward-KL frontiers)
+    - pointwise: QRPO trained pointwise on all `num_candidates` references of each prompt (`data="pointwise"`) at
+      `frontier_sweep.pointwise_betas`, every eval seed; and its counterpart, DPO on the best/worst pairs of the
+      same samples, which are the `frontier` group's DPO runs (planned once, in both groups)
     """
     seeds, sweep_seeds = cfg["eval"]["seeds"], cfg["sweep"]["seeds"]
     n_max = cfg["references"]["num_ref_rewards"]
     m = cfg["methods"]
     specs = []
 
-    def add(method, beta, seed, group, transform=None, n=None):
+    def add(method, beta, seed, group, transform=None, n=None, data="pairs"):
         spec = {"method": method, "beta": float(beta), "seed": int(seed), "groups": [group]}
+        if data != "pairs":
+            spec["data"] = data
         if method == "qrpo":
             spec.update(transform=transform or m["qrpo"].get("transform", "identity"), num_ref_rewards=n or n_max)
             spec["ties"] = m["qrpo"].get("ties", "random")
@@ -300,7 +357,8 @@ def run_specs(cfg: dict) -> list[dict]:
             spec["gamma"] = float(beta) * m["simpo"].get("gamma_beta_ratio", 0.5)
         for existing in specs:
             if run_id(existing) == run_id(spec):
-                existing["groups"].append(group)
+                if group not in existing["groups"]:
+                    existing["groups"].append(group)
                 return
         specs.append(spec)
 
@@ -327,6 +385,18 @@ def run_specs(cfg: dict) -> list[dict]:
                 for beta in m[method]["betas"][1:]:
                     for seed in sweep_seeds:
                         add(method, beta, seed, group)
+        elif group == "frontier":  # seed-major: a partial run has every curve at the first seed
+            for seed in seeds:
+                for method in METHODS:
+                    for beta in cfg["frontier_sweep"]["betas"][method]:
+                        add(method, beta, seed, group)
+        elif group == "pointwise":
+            for seed in seeds:
+                for beta in cfg["frontier_sweep"]["pointwise_betas"]:
+                    add("qrpo", beta, seed, group, data="pointwise")
+            for beta in cfg["frontier_sweep"]["betas"]["dpo"]:
+                for seed in seeds:
+                    add("dpo", beta, seed, group)
         else:
             raise ValueError(f"Unknown run group {group!r}.")
     return specs
@@ -350,8 +420,12 @@ def set_threads(setting, own_load: float = 0.0) -> int:
     return n
 
 
-def train_policy(spec: dict, cfg: dict, pairs, model_path: str, out_dir: Path):
-    """Train one policy on the pairs; returns the trained model (LoRA merged) and the trainer's log history."""
+def train_policy(spec: dict, cfg: dict, pairs, model_path: str, out_dir: Path, pointwise=None):
+    """Train one policy on the pairs (or, for `data="pointwise"`, on the pointwise rows); returns the trained model
+    (LoRA merged), the tokenizer and the trainer's log history.
+
+    Pointwise runs take as many optimizer steps as the pair runs (`max_steps` = `train_steps`) with as many sequences
+    per step: 2 x `train.batch_size` rows, a pair being 2 sequences."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -371,10 +445,12 @@ def train_policy(spec: dict, cfg: dict, pairs, model_path: str, out_dir: Path):
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
+    is_pointwise = spec.get("data", "pairs") == "pointwise"
     common = dict(
         output_dir=str(out_dir / "trainer"),
-        per_device_train_batch_size=t["batch_size"],
+        per_device_train_batch_size=2 * t["batch_size"] if is_pointwise else t["batch_size"],
         num_train_epochs=t["epochs"],
+        max_steps=train_steps(cfg, len(pairs)) if is_pointwise else -1,
         learning_rate=float(t["learning_rate"]),
         lr_scheduler_type=t["lr_scheduler_type"],
         warmup_steps=float(t["warmup_ratio"]),
@@ -403,6 +479,10 @@ def train_policy(spec: dict, cfg: dict, pairs, model_path: str, out_dir: Path):
             extra = {"transform": spec["transform"], "num_ref_rewards": spec["num_ref_rewards"], "ties": spec["ties"]}
         extra.update(beta=spec["beta"], precompute_ref_log_probs=True, precompute_ref_batch_size=16)
         columns += ["chosen_reward", "rejected_reward", "ref_rewards"]
+        if is_pointwise:
+            if method != "qrpo" or pointwise is None:
+                raise ValueError(f"Pointwise data is for QRPO, with the pointwise rows: {spec}")
+            columns = ["prompt", "completion", "reward", "ref_rewards"]
     elif method == "dpo":
         from trl import DPOConfig as config_class
         from trl import DPOTrainer as trainer_class
@@ -418,7 +498,7 @@ def train_policy(spec: dict, cfg: dict, pairs, model_path: str, out_dir: Path):
     trainer = trainer_class(
         model=model,
         args=config_class(**extra, **common),
-        train_dataset=pairs.select_columns(columns),
+        train_dataset=(pointwise if is_pointwise else pairs).select_columns(columns),
         processing_class=tokenizer,
         peft_config=peft_config,
     )
@@ -541,7 +621,9 @@ def stage_reference_eval(cfg: dict, work: Path, eval_ds, ref_model, tokenizer) -
         )
 
 
-def stage_runs(cfg: dict, work: Path, pairs, eval_ds, model_path: str, ref_model, tokenizer, only: set | None) -> None:
+def stage_runs(
+    cfg: dict, work: Path, pairs, eval_ds, model_path: str, ref_model, tokenizer, only: set | None, pointwise=None
+) -> None:
     import torch
 
     specs = run_specs(cfg)
@@ -556,7 +638,7 @@ def stage_runs(cfg: dict, work: Path, pairs, eval_ds, model_path: str, ref_model
         threads = set_threads(cfg.get("threads"), own_load=0.0 if i == 1 else torch.get_num_threads())
         log(f"run {i}/{len(todo)}: {rid} ({threads} thread{'s' if threads > 1 else ''}, load {load:.1f})")
         start, cpu_start = time.time(), time.process_time()
-        policy, _, history = train_policy(spec, cfg, pairs, model_path, out)
+        policy, _, history = train_policy(spec, cfg, pairs, model_path, out, pointwise=pointwise)
         train_seconds = time.time() - start
         start = time.time()
         samples, _ = evaluate(policy, ref_model, tokenizer, eval_ds, cfg, spec["seed"])
@@ -571,6 +653,8 @@ def stage_runs(cfg: dict, work: Path, pairs, eval_ds, model_path: str, ref_model
         write_samples(out / "samples.jsonl", records)
         train_logs = [h for h in history if "loss" in h]
         final = history[-1] if history else {}
+        is_pointwise = spec.get("data", "pairs") == "pointwise"
+        sequences_per_step = 2 * cfg["train"]["batch_size"]  # a pair is 2 sequences; pointwise: 2 x batch rows
         write_json(
             out / "result.json",
             {
@@ -579,6 +663,10 @@ def stage_runs(cfg: dict, work: Path, pairs, eval_ds, model_path: str, ref_model
                 "train": {
                     "steps": final.get("step") or (train_logs[-1]["step"] if train_logs else None),
                     "train_loss": final.get("train_loss"),
+                    "data": "pointwise" if is_pointwise else "pairs",
+                    "train_rows": len(pointwise) if is_pointwise else len(pairs),
+                    "rows_per_step": sequences_per_step if is_pointwise else cfg["train"]["batch_size"],
+                    "sequences_per_step": sequences_per_step,
                     "log_history": history,
                 },
                 "eval": summary,
@@ -612,6 +700,12 @@ def main(argv=None) -> int:
         action="store_true",
         help="the method comparison alone, with 16 references per prompt (about 30 minutes on 2 idle cores)",
     )
+    parser.add_argument(
+        "--frontier",
+        action="store_true",
+        help="the reward-KL frontiers: 4 methods x 5 betas x 2 seeds, and QRPO pointwise on all samples "
+        "(about 2 h 20 min on 2 idle cores)",
+    )
     parser.add_argument("--model", default=None, help="override the config's model (a folder, or 'smollm2')")
     parser.add_argument("--work_dir", default=None, help="override the config's work_dir")
     parser.add_argument("--results_dir", default=None, help="override the config's results_dir")
@@ -619,16 +713,17 @@ def main(argv=None) -> int:
         "--only",
         default=None,
         help="comma-separated run groups to do now (of the config's `groups`): main, qrpo_beta, num_ref_rewards, "
-        "transform, baseline_beta",
+        "transform, baseline_beta, frontier, pointwise",
     )
     parser.add_argument("--report_only", action="store_true", help="only rebuild tables and plots from finished runs")
     parser.add_argument("--until", choices=["pairs", "reference"], default=None, help="stop after this stage")
     parser.add_argument("--set", action="append", default=[], help="override a config entry, e.g. train.epochs=1")
     args = parser.parse_args(argv)
 
-    if args.quick and args.comparison:
-        parser.error("--quick and --comparison are two profiles; choose one.")
-    profile = "quick" if args.quick else "comparison" if args.comparison else None
+    chosen = [name for name in PROFILES if getattr(args, name)]
+    if len(chosen) > 1:
+        parser.error(f"{' and '.join('--' + c for c in chosen)} are different profiles; choose one.")
+    profile = chosen[0] if chosen else None
     cfg = load_config(args.config, profile, args.set)
     for key in ("model", "work_dir", "results_dir"):
         if getattr(args, key):
@@ -667,6 +762,10 @@ def main(argv=None) -> int:
     scored = timed("score", stage_score, cfg, work, refs)
     pairs = timed("pairs", stage_pairs, cfg, work, scored)
     log(f"{len(pairs)} training pairs; data statistics in {work / 'data_stats.json'}")
+    pointwise = None
+    if any(s.get("data") == "pointwise" for s in run_specs(cfg)):
+        pointwise = timed("pointwise", stage_pointwise, cfg, work, scored, pairs)
+        log(f"{len(pointwise)} pointwise rows ({cfg['references']['num_candidates']} per prompt)")
     if args.until == "pairs":
         return 0
 
@@ -678,7 +777,7 @@ def main(argv=None) -> int:
     if args.until == "reference":
         return 0
     only = set(args.only.split(",")) if args.only else None
-    timed("runs", stage_runs, cfg, work, pairs, eval_ds, model_path, ref_model, tokenizer, only)
+    timed("runs", stage_runs, cfg, work, pairs, eval_ds, model_path, ref_model, tokenizer, only, pointwise)
     timed("report", build_report, cfg, work, results)
     timing["last_invocation_wall_seconds"] = time.time() - wall
     timing["last_invocation_cpu_seconds"] = time.process_time()

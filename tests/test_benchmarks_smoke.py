@@ -85,3 +85,18 @@ def test_bench_generation(tmp_path, bench_env):
     assert {"plain", "generate_refs", "vllm"} <= set(result["runs"])
     assert result["runs"]["generate_refs"]["tokens"] > 0
     assert "tokens_per_s" in result["runs"]["plain"] and result["ratio_tokens_per_s"] > 0
+
+
+def test_bench_sandbox(tmp_path, bench_env):
+    run("bench_sandbox.py", tmp_path, bench_env)
+    payload = load(tmp_path, "sandbox")
+    assert {"results", "machine", "load", "table"} <= set(payload)
+    assert payload["results"], "no backend was measured"
+
+
+def test_bench_prepare(tmp_path, bench_env):
+    run("bench_prepare.py", tmp_path, bench_env)
+    payload = load(tmp_path, "prepare")
+    result = payload["results"][0]
+    assert result["prepare_median_s"]["dpo"] > 0 and result["prepare_median_s"]["qrpo"] > 0
+    assert result["ratio_median_of_ratios"] > 0 and isinstance(payload["target_met"], bool)

@@ -504,7 +504,7 @@ def test_trl_qrpo_trains_a_tiny_model(tiny_run, tiny_model_dir, tmp_path):
     assert "Training completed" in result.stdout
     # The screen stays quiet: no list of accelerate defaults, no deprecation warning from the recipe's options.
     assert "were not passed to `accelerate launch`" not in result.stderr
-    assert "is deprecated" not in result.stderr, result.stderr[-3000:]
+    assert "`gradient_checkpointing` is deprecated" not in result.stderr, result.stderr[-3000:]
     before = load_file(tiny_model_dir / "model.safetensors")
     after = load_file(tmp_path / "out" / "model.safetensors")
     assert before.keys() == after.keys()

@@ -26,7 +26,6 @@ from trl_qrpo.sandbox import (
     ISOLATION_FEATURES,
     CodeSandbox,
     CodeSandboxConfig,
-    Program,
     SandboxUnavailableError,
     extract_code,
     split_tests,
@@ -129,10 +128,12 @@ def check(candidate):
         assert candidate(i) == i + 1
     if True:
         assert math.isfinite(candidate(0))
+    assert True, "This prints if this assert fails (HumanEval's checks have such lines)"
     z = 0
 """
     units = split_tests(test)
-    assert len(units) == 4  # two asserts, the loop, the if block; the helper's assert is not a test
+    # two asserts, the loop, the if block; neither the helper's assert nor `assert True` is a test
+    assert len(units) == 4
     namespace = {}
     exec(
         units[1], namespace
@@ -212,6 +213,42 @@ def test_imports_column_and_entry_point_expression(reward, no_leaks):
     assert score(reward, [solution], test, "Solution().roots") == [0.0]  # NameError without the header
 
 
+LEETCODE_HEADER = """import random
+import functools
+import collections
+import string
+import math
+import datetime
+from typing import *
+from functools import *
+from collections import *
+from itertools import *
+from heapq import *
+from bisect import *
+from string import *
+from operator import *
+from math import *
+
+inf = float('inf')
+"""
+
+
+def test_leetcode_import_header_and_the_standard_library(reward):
+    # the import header of LeetCodeDataset and the modules solutions commonly use import inside the sandbox
+    solution = block("""
+import re, json, decimal, fractions, statistics, array, copy, itertools, heapq, bisect, string, dataclasses, enum
+class Solution:
+    def top(self, nums: List[int], k: int) -> List[int]:
+        counts = Counter(nums)
+        heap = []
+        for value, count in counts.items():
+            heappush(heap, (-count, value))
+        return sorted(heappop(heap)[1] for _ in range(k))
+""")
+    test = "def check(candidate):\n    assert candidate([1, 1, 2, 3, 3, 3], 2) == [1, 3]\n    assert candidate([5], 1) == [5]\n"
+    assert score(reward, [solution], test, "Solution().top", imports=[LEETCODE_HEADER]) == [1.0]
+
+
 def test_asserts_in_a_loop_count_once(reward):
     test = """
 def check(candidate):
@@ -229,6 +266,15 @@ def test_code_pass_rate_reads_env(monkeypatch, no_leaks):
     monkeypatch.setenv("TRL_QRPO_SANDBOX_BACKEND", "subprocess")
     monkeypatch.setenv("TRL_QRPO_SANDBOX_NUM_WORKERS", "1")
     assert code_pass_rate(prompts=["p"], completions=[GOOD], test=[ADD_TEST], entry_point=["add"]) == [1.0]
+
+
+def test_configured_reward_is_named_and_picklable(reward):
+    import pickle
+
+    assert reward.__name__ == "code_pass_rate"  # the name `trl qrpo score` and trainers log it under
+    copy = pickle.loads(pickle.dumps(reward))  # datasets.map(num_proc=...) and multiprocessing pickle rewards
+    assert copy.config == reward.config
+    assert score(copy, [GOOD]) == [1.0]
 
 
 def test_isolation_report_and_require_full(reward):
@@ -422,6 +468,15 @@ def f():
     assert not Path("/tmp/trl-qrpo-outside.txt").exists() and not Path("/dev/shm/trl-qrpo-outside.txt").exists()
 
 
+def test_reading_host_files_matches_the_report(reward, no_leaks):
+    # a world-readable file of the host (this test file): hidden with bwrap; readable with the subprocess backend,
+    # which reports that it does not hide host files
+    code = f"def f():\n    open({str(Path(__file__).resolve())!r}).read()\n    return 'escaped'"
+    readable = hostile(reward, code) == 1.0
+    assert readable == (not reward.sandbox.isolation["host_files_hidden"])
+    assert "host_files_hidden" in reward.sandbox.lacks or not readable
+
+
 def test_kill_the_parent(reward, no_leaks):
     # A process outside the sandbox (as the scorer is) that a solution tries to kill by its host PID.
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -503,5 +558,73 @@ def test_trl_qrpo_score_cli(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     scored = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["reward"] for r in scored] == [1.0, 1 / 3, 0.0]
+    assert [r["reward"] for r in scored] == pytest.approx([1.0, 1 / 3, 0.0], abs=1e-6)
     assert "Code sandbox: backend 'subprocess'" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Not root: the fallback isolates with a user namespace of its own
+# ----------------------------------------------------------------------------------------------------------------
+
+UNPRIVILEGED_SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from pkg.sandbox import CodeSandbox, CodeSandboxConfig, Program, split_tests
+sandbox = CodeSandbox(CodeSandboxConfig(backend="subprocess", num_workers=1, show_progress=False, max_processes=16))
+test = split_tests("def check(candidate):\\n    assert candidate() == 1\\n")
+codes = [
+    "def f():\\n    return 1",
+    "import socket\\ndef f():\\n    socket.create_connection(('127.0.0.1', int(sys.argv[2])), timeout=1)\\n    return 1",
+    "def f():\\n    open(sys.argv[1] + '/outside.txt', 'w').write('x')\\n    return 1",
+    "def f():\\n    open('inside.txt', 'w').write('x')\\n    return 1",
+]
+codes = [c.replace("sys.argv[1]", repr(sys.argv[1])).replace("int(sys.argv[2])", sys.argv[2]) for c in codes]
+results = [sandbox.run_program(Program(c, test, "f")).statuses for c in codes]
+print(json.dumps({"lacks": sandbox.lacks, "results": results}))
+"""
+
+
+def test_fallback_as_an_unprivileged_user():
+    """The scorer run by an ordinary user (here: nobody, through setpriv, with a system Python): no root, yet network,
+    PID, mount and user namespaces, a read-only file system and the process cap."""
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if not IS_ROOT or shutil.which("setpriv") is None or python is None:
+        pytest.skip("needs root (to become nobody), setpriv and a python3 in /usr/bin that nobody may run")
+    import trl_qrpo.sandbox as module
+
+    folder = Path(tempfile.mkdtemp(prefix="trl-qrpo-unprivileged-"))
+    try:
+        (folder / "pkg").mkdir()
+        (folder / "pkg" / "__init__.py").write_text("")
+        for name in ("sandbox.py", "_sandbox_harness.py"):
+            shutil.copy(Path(module.__file__).with_name(name), folder / "pkg" / name)
+        (folder / "run.py").write_text(UNPRIVILEGED_SCRIPT)
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(0o777 if path.is_dir() else 0o644)
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        server.settimeout(0.1)
+        port = server.getsockname()[1]
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, str(folder / "run.py")]
+        proc = subprocess.run(
+            command + [str(folder), str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=folder,
+            env={"PATH": "/usr/bin:/bin"},
+        )
+        with pytest.raises(TimeoutError):
+            server.accept()  # nobody connected
+        server.close()
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        if report["lacks"] != ["host_files_hidden"]:
+            # user namespaces refused here (a kernel or container setting): the fallback must say what it lacks
+            assert {"network", "read_only_fs", "pid_namespace", "process_limit"} <= set(report["lacks"]), report
+            return
+        assert report["results"] == [["passed"], ["failed"], ["failed"], ["passed"]]
+        assert not (folder / "outside.txt").exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from trl_qrpo import QRPOConfig, QRPOTrainer, config as config_module, register_transform
+from trl_qrpo import QRPOConfig, QRPOTrainer, register_transform
+from trl_qrpo import config as config_module
 from trl_qrpo.transforms import list_transforms
 
 # DPOConfig fields (beyond TrainingArguments') that QRPO uses as DPO does.
@@ -54,7 +55,7 @@ def make_config(tmp_path, **kwargs):
 
 def pointwise_rows(n=4, seed=0):
     rng = random.Random(seed)
-    words = "happy good day sky blue sad bad dog".split()
+    words = ["happy", "good", "day", "sky", "blue", "sad", "bad", "dog"]
     return [
         {
             "prompt": f"Tell me about {rng.choice(words)} {i}:",
@@ -143,11 +144,15 @@ def test_refused_fields_keep_dpo_type_and_default(name):
 
 
 def _help_of(help_text: str, name: str) -> str:
-    """The help of `--name` in argparse's output, whitespace collapsed."""
-    flat = " ".join(help_text.split())
-    start = flat.rindex(f"--{name} ")  # the options section comes after the usage line
-    end = flat.find(" --", start + len(name) + 3)
-    return flat[start : end if end > 0 else None]
+    """The help entry of `--name` in argparse's output (its option line and the indented text under it), flattened."""
+    lines = help_text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  --{name} "))
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("    ")), len(lines))
+    option, text = lines[start], " ".join(" ".join(lines[start + 1 : end]).split())
+    if "  " in option.strip():  # a short option line: argparse puts the help on the same line
+        option, _, first = option.strip().partition("  ")
+        text = f"{first.strip()} {text}".strip()
+    return text
 
 
 @pytest.mark.parametrize("name", REFUSED + UNUSED)
@@ -156,9 +161,7 @@ def test_help_says_qrpo_refuses_them(name):
 
     entry = _help_of(TrlParser([QRPOConfig]).format_help(), name)
     word = "Refused by QRPO" if name in REFUSED else "Unused by QRPO, which refuses a value other than the default"
-    assert word in entry, entry
-    # ... at the start of the help text, right after the option and its metavar
-    assert entry.index(word) < len(f"--{name} ") + 60, entry
+    assert entry.startswith(word), entry  # the first words of its help
 
 
 @pytest.mark.parametrize("name", REFUSED + UNUSED)
@@ -182,7 +185,9 @@ def test_unknown_transform_is_refused_by_the_config(tmp_path):
 
 
 def test_transform_import_paths_and_late_registrations(tmp_path):
-    assert make_config(tmp_path, bf16=False, transform="math:sqrt").transform == "math:sqrt"
+    assert make_config(tmp_path, bf16=False, transform="torch:sqrt").transform == "torch:sqrt"
+    with pytest.raises(ValueError, match="transform='math:sqrt'.*quadrature"):  # not a function of tensors
+        make_config(tmp_path, bf16=False, transform="math:sqrt")
     with pytest.raises(ValueError, match="transform='no_such_module_xyz:f' is refused: Could not import"):
         make_config(tmp_path, bf16=False, transform="no_such_module_xyz:f")
     with pytest.raises(ValueError, match="transform='no_such_name_xyz'"):

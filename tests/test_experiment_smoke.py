@@ -89,3 +89,127 @@ def test_comparison_profile_is_the_main_group_with_fewer_references():
     with pytest.raises(SystemExit):
         run.main(["--quick", "--comparison", "--report_only"])
     sys.modules.pop("experiment_run", None)
+
+
+def test_frontier_profile_run_specs():
+    """The --frontier plan: every method x beta x seed on the pairs, the pointwise QRPO group, the matching rule."""
+    run = _load_run_module()
+    config = str(REPO / "experiments" / "config.yaml")
+    full, frontier = run.load_config(config, None, []), run.load_config(config, "frontier", [])
+    assert frontier["groups"] == ["frontier", "pointwise"]
+    assert frontier["results_dir"] == str(REPO / "docs" / "experiments" / "frontier")
+    assert frontier["work_dir"] not in (full["work_dir"], run.load_config(config, "comparison", [])["work_dir"])
+    seeds, grid = frontier["eval"]["seeds"], frontier["frontier_sweep"]
+    assert len(seeds) >= 2
+    specs = run.run_specs(frontier)
+    ids = [run.run_id(s) for s in specs]
+    assert len(ids) == len(set(ids))
+    by_key = {(s["method"], s.get("data", "pairs"), s["beta"], s["seed"]): s for s in specs}
+    for method in run.METHODS:
+        betas = grid["betas"][method]
+        assert len(set(betas)) >= 5
+        for beta in betas:
+            for seed in seeds:
+                spec = by_key[(method, "pairs", float(beta), seed)]
+                assert "frontier" in spec["groups"]
+                # DPO on the best/worst pairs of the same samples is the pointwise group's counterpart
+                assert ("pointwise" in spec["groups"]) == (method == "dpo")
+    pointwise = [s for s in specs if s.get("data") == "pointwise"]
+    assert all(s["method"] == "qrpo" and s["groups"] == ["pointwise"] for s in pointwise)
+    assert {(s["beta"], s["seed"]) for s in pointwise} == {
+        (float(b), s) for b in grid["pointwise_betas"] for s in seeds
+    }
+    assert all(run.run_id(s).startswith("qrpo-pointwise-") for s in pointwise)
+    n_pairs = sum(len(grid["betas"][m]) for m in run.METHODS) * len(seeds)
+    assert len(specs) == n_pairs + len(grid["pointwise_betas"]) * len(seeds)
+    # Matching rule: the pointwise run takes the pair runs' steps with 2 x batch rows per step (a pair = 2 sequences);
+    # with every prompt paired, that is exactly one epoch over all num_candidates samples of each prompt.
+    prompts, t, C = frontier["split"]["num_train"], frontier["train"], frontier["references"]["num_candidates"]
+    steps = run.train_steps(frontier, prompts)
+    assert steps > run.train_steps(full, prompts)  # longer than the comparison's 12 steps
+    assert steps * 2 * t["batch_size"] == prompts * C
+    # the other profiles' plans and run ids are unchanged
+    full_ids = [run.run_id(s) for s in run.run_specs(full)]
+    assert len(full_ids) == 27 and "qrpo-identity-b0.1-n50-s0" in full_ids
+    assert not any("data" in s for s in run.run_specs(full))
+    with pytest.raises(SystemExit):
+        run.main(["--frontier", "--comparison", "--report_only"])
+    # the report's reading of a frontier at fixed KL: linear between the bracketing betas, None outside
+    import report
+
+    curve = [{"kl": 4.0, "reward": 0.4}, {"kl": 1.0, "reward": 0.1}, {"kl": 2.0, "reward": 0.3}]
+    assert report.interpolate_reward(curve, 1.5) == pytest.approx(0.2)
+    assert report.interpolate_reward(curve, 3.0) == pytest.approx(0.35)
+    assert report.interpolate_reward(curve, 0.5) is None and report.interpolate_reward(curve, 5.0) is None
+    sys.modules.pop("experiment_run", None)
+
+
+@pytest.mark.slow
+def test_experiment_frontier_tiny(tiny_model_dir, tmp_path, monkeypatch):
+    """A tiny --frontier run end to end: pair runs of every method at its betas and seeds, pointwise QRPO on all
+    samples with the pair runs' steps and sequences per step, the frontier table and plot; then resume."""
+    from datasets import load_from_disk
+
+    (tmp_path / "smoke_reward_e.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = _load_run_module()
+    work, results = tmp_path / "work", tmp_path / "results"
+    argv = ["--frontier", "--model", str(tiny_model_dir), "--work_dir", str(work), "--results_dir", str(results)]
+    for item in (
+        "reward=smoke_reward_e:letter_e",
+        "split.num_train=8",
+        "split.num_eval=4",
+        "references.num_ref_rewards=6",
+        "references.max_new_tokens=12",
+        "references.batch_size=32",
+        "references.chunk_size=4",
+        "eval.max_new_tokens=12",
+        "frontier_sweep.betas={qrpo: [0.1, 0.03], dpo: [0.1], simpo: [2.5], rebel: [0.2]}",
+        "frontier_sweep.pointwise_betas=[0.1]",
+        "frontier_sweep.kl_grid=[0.0001]",
+    ):
+        argv += ["--set", item]
+    assert run.main(argv) == 0
+
+    pairs, pointwise = load_from_disk(str(work / "pairs")), load_from_disk(str(work / "pointwise"))
+    scored = load_from_disk(str(work / "scored"))
+    assert len(pairs) >= 1 and len(pointwise) == 4 * len(pairs)
+    for row in pointwise:  # each of the first 4 references of a paired prompt, its own reward, quantiles vs 4..9
+        refs = scored[row["prompt_index"]]
+        assert row["ref_index"] < 4 and row["reward"] == refs["ref_rewards"][row["ref_index"]]
+        assert row["ref_rewards"] == refs["ref_rewards"][4:10]
+
+    results_by_id = {p.parent.name: json.loads(p.read_text()) for p in (work / "runs").glob("*/result.json")}
+    assert len(results_by_id) == (2 + 1 + 1 + 1 + 1) * 2
+    pair_steps = {r["train"]["steps"] for r in results_by_id.values() if r["train"]["data"] == "pairs"}
+    assert pair_steps == {run.train_steps(json.loads((work / "config.json").read_text()), len(pairs))}
+    assert pair_steps == {2 * -(-len(pairs) // 4)}  # 2 epochs of batches of 4 pairs
+    for rid in ("qrpo-pointwise-identity-b0.1-n6-s0", "qrpo-pointwise-identity-b0.1-n6-s1"):
+        train = results_by_id[rid]["train"]
+        assert {train["steps"]} == pair_steps and train["data"] == "pointwise"
+        assert train["rows_per_step"] == train["sequences_per_step"] == 8 and train["train_rows"] == len(pointwise)
+
+    summary = json.loads((results / "results.json").read_text())
+    rows = summary["frontier"]
+    assert [(r["curve"], r["beta"]) for r in rows] == [
+        ("QRPO (best/worst pairs)", 0.1),
+        ("QRPO (best/worst pairs)", 0.03),
+        ("QRPO pointwise (all samples)", 0.1),
+        ("DPO (best/worst pairs)", 0.1),
+        ("SimPO (best/worst pairs)", 2.5),
+        ("REBEL (best/worst pairs)", 0.2),
+    ]
+    for r in rows:
+        assert r["seeds"] == [0, 1] and r["samples_per_seed"] == 8
+        assert r["kl_std"] is not None and r["reward_std"] is not None and r["length"] > 0
+    assert summary["reference"]["num_seeds"] == 2
+    for name in ("frontier.png", "frontier.csv", "frontier_table.md"):
+        assert (results / name).stat().st_size > 0
+    assert not (results / "main.csv").exists()  # the comparison's tables belong to other profiles
+    table = (results / "frontier_table.md").read_text()
+    assert "QRPO pointwise (all samples) | 0.1 | 2 |" in table and "KL = 0.0001" in table
+
+    stamps = {p: p.stat().st_mtime_ns for p in (work / "runs").glob("*/result.json")}
+    assert run.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in (work / "runs").glob("*/result.json")} == stamps
+    sys.modules.pop("experiment_run", None)

@@ -120,6 +120,7 @@ def test_quickstart_training_recipe_parses_without_deprecation_warnings(monkeypa
     assert deprecated == []
     (config,) = [args for args in parsed if type(args).__name__ == "QRPOConfig"]
     assert config.activation_checkpointing is False and config.gradient_checkpointing is False
+    assert config.dataloader_pin_memory is False, "pinned memory is for GPUs; on a CPU PyTorch warns that it is unused"
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -197,7 +198,12 @@ def test_quickstart_raises_the_reward_of_the_policys_own_samples(tmp_path):
     assert report["num_samples"] == 12 * 4, "--small: 12 held-out prompts x 4 samples"
     assert "Reward of the policy's own samples" in result.stdout
     # A quiet screen: no list of accelerate's defaults, no deprecated option, no model-loading bars.
-    for noise in ("were not passed to `accelerate launch`", "is deprecated", "Loading weights"):
+    for noise in (
+        "were not passed to `accelerate launch`",
+        "`gradient_checkpointing` is deprecated",
+        "Loading weights",
+        "'pin_memory' argument is set as true",
+    ):
         assert noise not in result.stderr and noise not in result.stdout, noise
 
     # Run again: every step is found done and skipped.

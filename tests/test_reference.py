@@ -5,8 +5,6 @@ Every model here is the session's tiny Llama (hidden size 32): a handful of prom
 
 import json
 import math
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,7 @@ from trl_qrpo.precompute import (
     sequence_logps,
 )
 from trl_qrpo.precompute import chunks as chunks_module
-from trl_qrpo.precompute.sampling import decode_completion, sample_seed, tokenize_prompt
+from trl_qrpo.precompute.sampling import decode_completion, tokenize_prompt
 from trl_qrpo.scripts.reference_cli import SUBCOMMANDS
 
 PROMPTS = [
@@ -202,59 +200,6 @@ def test_generate_extracts_an_implicit_prompt(tiny_model_dir):
     out = generate_references(data, GenerateConfig(model_name_or_path=str(tiny_model_dir), **GEN))
     assert out[0]["prompt"] == conversation and out[0]["chosen"] == [{"role": "assistant", "content": "good"}]
     assert len(out[0]["ref_completions"]) == 3
-
-
-def test_vllm_path_with_a_stand_in_engine(tiny_model_dir, monkeypatch):
-    """vLLM cannot be installed here: a stand-in module checks what the thin vLLM path sends and how it reads back."""
-    calls = {}
-
-    class SamplingParams:
-        def __init__(self, **kwargs):
-            self.kwargs = kwargs
-
-    class LLM:
-        def __init__(self, model, **kwargs):
-            calls["init"] = (model, kwargs)
-
-        def generate(self, prompts, sampling_params, use_tqdm):
-            calls["prompts"], calls["params"] = prompts, sampling_params
-            eos = 1
-            outputs = []
-            for params in sampling_params:
-                completions = [
-                    types.SimpleNamespace(token_ids=[40, 41], finish_reason="stop", stop_reason=None),  # EOS left out
-                    types.SimpleNamespace(token_ids=[40, eos], finish_reason="stop", stop_reason=None),
-                    types.SimpleNamespace(token_ids=[40] * params.kwargs["max_tokens"], finish_reason="length"),
-                ]
-                outputs.append(types.SimpleNamespace(outputs=completions[: params.kwargs["n"]]))
-            return outputs
-
-    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=SamplingParams))
-    data = conversational_dataset(2)
-    out = generate_references(
-        data,
-        GenerateConfig(
-            model_name_or_path=str(tiny_model_dir),
-            backend="vllm",
-            dtype="bfloat16",
-            vllm_kwargs={"tensor_parallel_size": 2, "gpu_memory_utilization": 0.5},
-            **GEN,
-        ),
-    )
-    model, kwargs = calls["init"]
-    assert model == str(tiny_model_dir)
-    assert kwargs["tensor_parallel_size"] == 2 and kwargs["gpu_memory_utilization"] == 0.5
-    assert kwargs["dtype"] == "bfloat16" and kwargs["seed"] == GEN["seed"]
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    assert [p["prompt_token_ids"] for p in calls["prompts"]] == [tokenize_prompt(tokenizer, row) for row in data]
-    for row_index, params in enumerate(calls["params"]):
-        kw = params.kwargs
-        assert (kw["n"], kw["temperature"], kw["top_p"], kw["top_k"], kw["min_p"]) == (3, 1.0, 1.0, -1, 0.0)
-        assert kw["repetition_penalty"] == 1.0 and kw["max_tokens"] == GEN["max_new_tokens"]
-        assert kw["seed"] == sample_seed(GEN["seed"], row_index, 0) and tokenizer.eos_token_id in kw["stop_token_ids"]
-    assert out[0]["ref_truncated"] == [False, False, True]
-    assert out[0]["ref_num_tokens"] == [3, 2, GEN["max_new_tokens"]]
-    assert out[0]["ref_completions"][1][0]["content"] == decode_completion(tokenizer, [], [40])
 
 
 # ---------------------------------------------------------------- shards, resume, merge
@@ -654,3 +599,112 @@ def test_output_feeds_qrpo_trainer(refs, tiny_model_dir, tiny_reward_model_dir, 
         trainer = QRPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
         result = trainer.train()
         assert math.isfinite(result.training_loss), name
+
+
+# ---------------------------------------------------------------- the first hour: Ctrl-C, early errors, quiet output
+
+
+def test_ctrl_c_says_how_to_resume_and_the_rerun_loses_nothing(tiny_model_dir, tmp_path, monkeypatch, capsys, refs):
+    from trl_qrpo.precompute import sampling
+
+    src = tmp_path / "prompts.jsonl"
+    conversational_dataset().to_json(str(src), lines=True)
+    argv = [
+        "--dataset_name",
+        str(src),
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    argv += [f"--{k}={v}" for k, v in GEN.items()] + ["--backend", "transformers"]
+    real_sample = sampling.TransformersSampler.sample
+    calls = {"n": 0}
+
+    def interrupted(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(sampling.TransformersSampler, "sample", interrupted)
+    assert SUBCOMMANDS["generate"](argv, "trl qrpo generate") == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "run the same command again" in err and "Traceback" not in err
+    monkeypatch.setattr(sampling.TransformersSampler, "sample", real_sample)
+    assert SUBCOMMANDS["generate"](argv, "trl qrpo generate") == 0
+    assert rows_of(load_from_disk(str(tmp_path / "o"))) == rows_of(refs)
+
+
+def test_push_to_hub_without_an_id_fails_before_any_work(tmp_path, capsys):
+    src = tmp_path / "prompts.jsonl"
+    conversational_dataset(1).to_json(str(src), lines=True)
+    out = tmp_path / "never"
+    argv = ["--dataset_name", str(src), "--model_name_or_path", "no/such-model", "--output_dir", str(out)]
+    assert SUBCOMMANDS["generate"](argv + ["--push_to_hub"], "trl qrpo generate") == 2
+    assert "--hub_dataset_id" in capsys.readouterr().err and not out.exists()
+    merge = ["--shard_dirs", str(tmp_path), "--output_dir", str(out), "--push_to_hub"]
+    assert SUBCOMMANDS["merge"](merge, "trl qrpo merge") == 2
+
+
+def test_generate_shows_no_nested_progress_bars_and_no_spurious_warning(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """datasets' own "Saving the dataset" bars are off while chunks are written under the run's bar, then restored."""
+    import datasets
+
+    real_save = Dataset.save_to_disk
+    bars_on = []
+
+    def recording_save(self, path, *args, **kwargs):
+        bars_on.append(datasets.is_progress_bar_enabled())
+        return real_save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Dataset, "save_to_disk", recording_save)
+    assert datasets.is_progress_bar_enabled()
+    out = generate_references(
+        conversational_dataset(),
+        GenerateConfig(model_name_or_path=str(tiny_model_dir), output_dir=str(tmp_path / "o"), **GEN),
+    )
+    assert len(out) == len(PROMPTS)
+    assert len(bars_on) == 4 and not any(bars_on)  # 3 chunks and the assembled result
+    assert datasets.is_progress_bar_enabled()
+    assert not [r for r in caplog.records if "ignored" in r.getMessage()]  # e.g. vllm_kwargs on transformers
+
+
+def test_a_missing_dataset_is_a_one_line_error(tmp_path, capsys):
+    argv = ["--dataset_name", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "o")]
+    assert SUBCOMMANDS["score"](argv + ["--reward_funcs", "test_reference.length_reward"], "trl qrpo score") == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+
+
+def test_evaluation_and_training_compute_the_same_log_ratios(tiny_model_dir, tmp_path):
+    """One log-prob path: evaluate's logratio equals the trainer's policy - reference log-probs on the same tokens."""
+    from trl_qrpo import QRPOConfig, QRPOTrainer
+    from trl_qrpo.columns import COMPLETION_IDS, PROMPT_IDS
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
+    samples, _ = evaluate_policy(
+        conversational_dataset(3),
+        EvaluateConfig(ref_model_name_or_path=str(tiny_model_dir), num_samples=2, max_new_tokens=6, seed=3),
+        model=policy,
+        processing_class=tokenizer,
+        reward_funcs=[length_reward],
+    )
+    train = Dataset.from_dict(
+        {"prompt": ["a"], "completion": [" b"], "reward": [0.5], "ref_rewards": [[0.1, 0.9]]}
+    )  # only to build the trainer: the sequences compared are the evaluation's
+    args = QRPOConfig(output_dir=str(tmp_path / "t"), bf16=False, use_cpu=True, report_to="none", beta=0.1)
+    trainer = QRPOTrainer(model=policy, args=args, train_dataset=train, processing_class=tokenizer)
+    prompt_ids = {i: tokenize_prompt(tokenizer, row) for i, row in enumerate(conversational_dataset(3))}
+    rows = [{PROMPT_IDS: prompt_ids[r["row_index"]], COMPLETION_IDS: [r["completion_ids"]]} for r in samples]
+    batch = trainer.data_collator(rows)
+    trainer.model.eval()
+    with torch.no_grad():
+        logps, ref_logps, _ = trainer.sequence_log_probs(trainer.model, batch)
+    assert (logps - ref_logps).tolist() == pytest.approx(samples["logratio"], abs=1e-5)
+    assert logps.tolist() == pytest.approx(samples["policy_logp"], abs=1e-5)
+    assert any(abs(x) > 1e-3 for x in samples["logratio"])

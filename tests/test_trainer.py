@@ -463,3 +463,47 @@ def test_canonical_reward_columns_win_over_aliases(tiny_model_dir, tmp_path, cap
         row["score_chosen"] = row["chosen_rewards"] = row.pop("chosen_reward")
     with pytest.raises(ValueError, match="several aliases of 'chosen_reward'"):
         QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path), train_dataset=as_dataset(rows))
+
+
+def test_spearman_correlation_contract():
+    """Tensors in, a float or None out; average ranks for ties (checked against ranks counted by hand)."""
+    import numpy as np
+
+    from trl_qrpo.metrics import spearman_correlation
+
+    def by_hand(x, y):
+        def ranks(v):  # 1-based rank, ties sharing the average of their ranks
+            return [sum(w < a for w in v) + (sum(w == a for w in v) + 1) / 2 for a in v]
+
+        return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
+
+    rng = random.Random(0)
+    x = [rng.choice([0.0, 0.5, 1.0, 2.0]) for _ in range(30)]  # many ties
+    y = [a + rng.gauss(0, 1) for a in x]
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        rho = spearman_correlation(torch.tensor(x, dtype=dtype), torch.tensor(y, dtype=dtype))
+        xs, ys = torch.tensor(x, dtype=dtype).double().tolist(), torch.tensor(y, dtype=dtype).double().tolist()
+        assert isinstance(rho, float) and rho == pytest.approx(by_hand(xs, ys), abs=1e-12)
+    t = torch.arange(6.0)
+    assert spearman_correlation(t, t.exp()) == pytest.approx(1.0)  # any increasing map
+    assert spearman_correlation(t, -t) == pytest.approx(-1.0)
+    assert spearman_correlation(t[:1], t[:1]) is None  # fewer than 2 values
+    assert spearman_correlation(t, torch.ones(6)) is None  # a constant input: undefined
+
+
+def test_reference_pass_toggles_checkpointing_without_deprecation_warnings(tiny_model_dir):
+    """The reference forward turns activation checkpointing off and on again through transformers' current names."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
+    from trl_qrpo.trainer import _activation_checkpointing_off
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.activation_checkpointing_enable()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with _activation_checkpointing_off(model, None):
+            assert not model.is_activation_checkpointing
+        assert model.is_activation_checkpointing
+    assert not [w for w in caught if "checkpointing" in str(w.message)]

@@ -116,9 +116,72 @@ def test_callable_quadrature_handles_singular_endpoints(beta):
     assert user.log_partition(beta) == pytest.approx(1 / (2 * beta**2), abs=1e-6)
 
 
-def test_quadrature_warns_when_the_mass_is_beyond_float64():
-    with pytest.warns(UserWarning, match="inaccurate"):
+def test_quadrature_refuses_when_the_mass_is_beyond_float64():
+    with pytest.raises(ValueError, match="closed-form log partition function"):
         quadrature_log_partition(torch.special.ndtri, 0.05)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1e-3])
+@pytest.mark.parametrize("wrap", ["get_transform", "CallableTransform"])
+def test_plain_normal_icdf_is_refused_where_quadrature_cannot_resolve_it(beta, wrap):
+    """Phi^-1(q)/beta peaks at 1 - Phi(1/beta) < 1e-16 from 1 here: beyond float64; refused, never used wrong."""
+
+    def ndtri(q):
+        return torch.special.ndtri(q)
+
+    user = get_transform(ndtri) if wrap == "get_transform" else CallableTransform(ndtri, name="my-ndtri")
+    with pytest.raises(ValueError) as error:
+        user.log_partition(beta)
+    message = str(error.value)
+    assert repr(user.name) in message and f"beta={beta}" in message  # the transform and the beta
+    assert "off by at least" in message  # the estimated error
+    assert "log_partition(beta)" in message and "register_transform" in message  # the fix
+    assert "normal-icdf" in message
+
+
+def _estimated_error(message):
+    import re
+
+    return float(re.search(r"(?:error of|at least) ([0-9.e+-]+)", message).group(1))
+
+
+@pytest.mark.parametrize("beta", [0.2, 0.3])
+def test_quadrature_error_estimate_bounds_the_actual_error(beta):
+    """Where Phi^-1's mass is partly beyond float64, the error in the message is the actual error, within 3x."""
+    actual = abs(quadrature_log_partition(torch.special.ndtri, beta, max_error=math.inf) - 1 / (2 * beta**2))
+    with pytest.raises(ValueError) as error:
+        quadrature_log_partition(torch.special.ndtri, beta)
+    estimated = _estimated_error(str(error.value))
+    assert actual <= estimated <= 3 * actual
+
+
+@pytest.mark.parametrize(
+    "fn, log_z, betas",
+    [
+        (torch.special.ndtri, lambda beta: 1 / (2 * beta**2), [0.2, 0.3, 0.35, 0.4, 0.45, 0.5, 1.0, 10.0]),
+        # -log(1 - q): Z = beta / (beta - 1) for beta > 1, infinite below
+        (lambda q: -torch.log1p(-q), lambda beta: math.log(beta / (beta - 1)), [1.1, 1.5, 2.0, 3.0, 10.0]),
+        (lambda q: -torch.log1p(-q), lambda beta: math.inf, [0.5, 1.0]),
+    ],
+)
+def test_quadrature_returns_only_values_it_can_vouch_for(fn, log_z, betas):
+    """Near the edge of what float64 resolves: either within max_error of the truth, or refused."""
+    for beta in betas:
+        try:
+            value = quadrature_log_partition(fn, beta)
+        except ValueError as error:
+            assert "closed-form" in str(error)
+            continue
+        assert abs(value - log_z(beta)) <= 1e-7, beta
+
+
+@pytest.mark.parametrize("name", ["identity", "sqrt", "square", "log"])
+@pytest.mark.parametrize("beta", BETAS)
+def test_plain_functions_match_the_closed_forms_tightly(name, beta):
+    """The same functions as plain callables (no closed form known to the quadrature), at beta 1e-3 .. 10."""
+    fns = {"identity": lambda q: q, "sqrt": torch.sqrt, "square": lambda q: q * q, "log": torch.log}
+    user = CallableTransform(fns[name])
+    assert user.log_partition(beta) == pytest.approx(get_transform(name).log_partition(beta), rel=1e-11, abs=1e-10)
 
 
 def test_registry_by_name_import_path_and_errors():

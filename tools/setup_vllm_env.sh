@@ -48,6 +48,13 @@ sys.exit(0 if spec and os.path.realpath(spec.origin).startswith(os.path.realpath
 EOF
 }
 
+# One build at a time per folder: a second caller (another job, a parallel CI step) waits, then reuses it.
+mkdir -p "$(dirname "$ENV_DIR")"
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$ENV_DIR.lock"
+    flock 9
+fi
+
 if [[ "${TRL_QRPO_VLLM_REBUILD:-0}" != "1" && -f "$MARKER" && -x "$VPY" ]]; then
     if ! points_here; then
         log "reusing $ENV_DIR, pointing trl-qrpo at this checkout ($REPO_ROOT)"
@@ -62,7 +69,6 @@ fi
 start=$(date +%s)
 log "building $ENV_DIR ($pins)"
 rm -rf "$ENV_DIR"
-mkdir -p "$(dirname "$ENV_DIR")"
 "$PYTHON" -m venv "$ENV_DIR"
 pip_install() { "$VPY" -m pip install --quiet --disable-pip-version-check "$@" >&2; }
 pip_install --upgrade pip setuptools wheel

@@ -64,7 +64,7 @@ class QRPOConfig(DPOConfig):
             added with [`register_transform`] before the config is built, or an import path
             `"package.module:function"` (log Z by quadrature). Checked when the config is built: an unknown name, an
             import path that does not import, or a plain function whose log Z the quadrature cannot compute to 1e-7
-            at `beta` (such as Phi^-1 below beta 0.4) is an error.
+            at `beta` (such as Phi^-1 below beta 0.35) is an error.
         transform_kwargs (`dict`, *optional*):
             Parameters of the transform, e.g. `{"mu": 0.0, "sigma": 2.0}` for `"affine-normal-icdf"`.
         partition_mode (`str`, *optional*, defaults to `"continuous"`):
@@ -352,12 +352,10 @@ class QRPOConfig(DPOConfig):
         for beta in betas:
             try:
                 log_z = transform.log_partition(beta)
-            except ValueError as e:
-                kind = "a plain function (log Z by quadrature)" if isinstance(transform, CallableTransform) else ""
-                raise ValueError(
-                    f"transform={name!r}{' is ' + kind if kind else ''} cannot be used at beta={beta:g}"
-                    f"{' (beta / max_length, normalize_beta_by_length)' if beta != self.beta else ''}: {e}"
-                ) from e
+            except (ValueError, TypeError, RuntimeError) as e:  # RuntimeError/TypeError: the function itself failed
+                kind = " (a plain function: log Z by quadrature)" if isinstance(transform, CallableTransform) else ""
+                which = " (beta / max_length, normalize_beta_by_length)" if beta != self.beta else ""
+                raise ValueError(f"transform={name!r}{kind} cannot be used at beta={beta:g}{which}: {e}") from e
             if not math.isfinite(float(log_z)):
                 raise ValueError(
                     f"transform={name!r} has log Z = {log_z} at beta={beta:g}: its partition function must be "

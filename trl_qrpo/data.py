@@ -104,6 +104,30 @@ class Layout:
         return in_refs_column(side)
 
 
+@dataclass(frozen=True)
+class QuantileOptions:
+    """How quantiles and training examples are made from a row (the QRPOConfig fields of the same names).
+
+    Args:
+        num_ref_rewards (`int`, *optional*): use the first n reference rewards of every row (all when None).
+        ties (`str`): ``"le"``, ``"midrank"`` or ``"random"`` (see :func:`trl_qrpo.losses.quantile_rewards`).
+        sample_selector (`str`): which sides of a pair train: ``"both"``, ``"chosen"``, ``"rejected"``, ``"random"``.
+        self_inclusion (`str`): ``"leave_one_out"`` or ``"keep"`` for completions that are their own reference.
+        seed (`int`): seeds random ties and random sides, per batch of ``BATCH_SIZE`` rows.
+    """
+
+    num_ref_rewards: int | None = None
+    ties: str = "le"
+    sample_selector: str = "both"
+    self_inclusion: str = "leave_one_out"
+    seed: int = 42
+
+    @classmethod
+    def from_args(cls, args) -> QuantileOptions:
+        """From a QRPOConfig (or anything with these attributes)."""
+        return cls(args.num_ref_rewards, args.ties, args.sample_selector, args.self_inclusion, args.seed)
+
+
 def consumed_columns(layout: Layout) -> set[str]:
     """Input columns the quantile step replaces by the prepared columns."""
     consumed = {REF_REWARDS, *layout.sides}
@@ -191,7 +215,9 @@ def _rows_message(rows, limit: int = 5) -> str:
 
 def _array(batch: pa.Table, column: str) -> pa.Array:
     values = batch.column(column)
-    return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    if isinstance(values, pa.ChunkedArray):  # one chunk (a batch's slice): no copy
+        return values.chunk(0) if values.num_chunks == 1 else values.combine_chunks()
+    return values
 
 
 def _is_text(type_: pa.DataType) -> bool:
@@ -218,17 +244,22 @@ def _refuse_text(column: str, values: list, rows: np.ndarray, what: str):
         except (TypeError, ValueError):
             return False
 
-    bad = [i for i, v in enumerate(values) if v is not None and not is_number(v)]
+    def first_bad(v):  # the value itself, or the first non-number of a list
+        items = v if isinstance(v, list) else [v]
+        return next((x for x in items if x is not None and not is_number(x)), None)
+
+    bad = [i for i, v in enumerate(values) if first_bad(v) is not None]
     if bad:
         raise ValueError(
-            f"Column '{column}', {_rows_message(rows[bad])}: the {what} {values[bad[0]]!r} is not a number. Rewards "
-            "must be numbers: map these values to numbers (e.g. a rating scale to floats) or drop these rows before "
-            "training."
+            f"Column '{column}', {_rows_message(rows[bad])}: the {what} {first_bad(values[bad[0]])!r} is not a "
+            "number. Rewards must be numbers: map these values to numbers (e.g. a rating scale to floats) or drop "
+            "these rows before training."
         )
     example = next((i for i, v in enumerate(values) if v is not None), 0)
+    shown = values[example][:3] if isinstance(values[example], list) else values[example]
     feature = "Value('float64')" if what == "reward" else "List(Value('float64'))"
     raise ValueError(
-        f"Column '{column}' holds its {what}s as text (e.g. {values[example]!r} in {_rows_message(rows[[example]])}), "
+        f"Column '{column}' holds its {what}s as text (e.g. {shown!r} in {_rows_message(rows[[example]])}), "
         "not numbers. QRPO does not convert them silently: cast the column first, e.g. "
         f"`dataset = dataset.cast_column('{column}', {feature})` (from datasets import Value, List)."
     )
@@ -300,14 +331,17 @@ def ref_matrix(batch: pa.Table, rows: np.ndarray, num_ref_rewards: int | None, c
     width = int(lengths.max()) if num_ref_rewards is None else num_ref_rewards
     if n_rows and (lengths == lengths[0]).all():
         matrix = flat.reshape(n_rows, int(lengths[0]))[:, :width]
+        bad = ~np.isfinite(matrix.sum(axis=1))  # one pass, no [N, n] mask; an overflowing sum is re-checked below
+        if bad.any():
+            bad[bad] = ~np.isfinite(matrix[bad]).all(axis=1)
     else:
         matrix = np.full((n_rows, width), np.nan)
-        row_of = np.repeat(np.arange(n_rows), lengths)
-        position = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        keep = position < width
-        matrix[row_of[keep], position[keep]] = flat[keep]
-    filled = np.arange(width)[None, :] < np.minimum(lengths, width)[:, None]
-    bad = (~np.isfinite(matrix) & filled).any(axis=1)
+        filled = np.arange(width)[None, :] < lengths[:, None]  # row-major, as the flat values
+        if width < lengths.max():  # num_ref_rewards cuts some lists: keep each list's first `width` values
+            position = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            flat = flat[position < width]
+        matrix[filled] = flat
+        bad = (~np.isfinite(matrix) & filled).any(axis=1)
     if bad.any():
         raise ValueError(
             f"Column '{column}', {_rows_message(rows[bad])}: the list holds a missing or non-finite reward. "
@@ -355,17 +389,24 @@ def check_references(table: pa.Table, num_ref_rewards: int | None, dataset_name:
             "first n rewards of every row.",
             stacklevel=2,
         )
-    try:
-        matrix, lengths = ref_matrix(table, np.arange(len(lengths)), num_ref_rewards)
-    except ValueError:
+    if num_ref_rewards is not None and low < num_ref_rewards:
         return  # refused with its message by the quantile step
+    if low == high:  # one reshaped view of the Arrow buffer: two reductions, no copy
+        flat = values.flatten()
+        if not (pa.types.is_floating(flat.type) or pa.types.is_integer(flat.type)):
+            return
+        matrix = flat.to_numpy(zero_copy_only=False).reshape(len(lengths), low)[:, : num_ref_rewards or low]
+        lowest, highest = matrix.min(axis=1), matrix.max(axis=1)
+    else:
+        try:
+            matrix, lengths = ref_matrix(table, np.arange(len(lengths)), num_ref_rewards)
+        except ValueError:
+            return  # refused with its message by the quantile step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            lowest, highest = np.nanmin(matrix, axis=1), np.nanmax(matrix, axis=1)
     if matrix.shape[1] < 2:
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        ragged = bool(np.isnan(matrix).any())
-        lowest = np.nanmin(matrix, axis=1) if ragged else matrix.min(axis=1)
-        highest = np.nanmax(matrix, axis=1) if ragged else matrix.max(axis=1)
     constant = (lowest == highest) & (np.minimum(lengths, matrix.shape[1]) > 1)
     if constant.any():
         warnings.warn(
@@ -405,13 +446,10 @@ def quantile_batch(
     batch: pa.Table,
     indices: list[int],
     layout: Layout,
-    num_ref_rewards: int | None,
-    ties: str,
-    sample_selector: str,
-    self_inclusion: str,
-    seed: int,
+    options: QuantileOptions,
     keep_ref_rewards: bool = False,
     warn: bool = True,
+    targets: dict | None = None,
 ) -> pa.Table:
     """Validate a batch (an Arrow table), compute each completion's quantile and select the sides that stay.
 
@@ -419,10 +457,16 @@ def quantile_batch(
     completions), ``reward``, ``quantile``, ``num_refs`` and ``in_refs``, each a list of k values (chosen first for
     pairs). ``keep_ref_rewards`` keeps ``ref_rewards`` for a per-prompt transform's ``for_prompts``; ``warn`` warns
     about rows whose references are all equal (map-style data sets are checked once by :func:`check_references`).
+
+    ``targets`` (``transform``, ``beta``, ``partition_mode``): when the targets depend neither on token counts nor on
+    the data set's statistics, compute them in this same pass (``target``, ``beta``, ``beta_log_z`` instead of
+    ``num_refs`` and ``in_refs``), saving the separate :func:`target_batch` pass.
     """
     rows = np.asarray(indices, dtype=np.int64)
     n_rows = len(rows)
     sides = layout.sides
+    num_ref_rewards, ties, sample_selector = options.num_ref_rewards, options.ties, options.sample_selector
+    self_inclusion, seed = options.self_inclusion, options.seed
     check_prompts(batch, rows)
     # Randomness (random ties, random side) is seeded by the batch's first row, so it does not depend on the order
     # in which batches are processed.
@@ -488,6 +532,18 @@ def quantile_batch(
         NUM_REFS: _list_array(num_refs.astype(np.int64), k, n_rows),
         IN_REFS: _list_array(in_refs & (self_inclusion == "keep"), k, n_rows),
     }
+    if targets is not None:
+        del new[NUM_REFS], new[IN_REFS]
+        beta_t = torch.full(quantiles.shape, float(targets["beta"]), dtype=torch.float64)
+        values = _targets(
+            torch.from_numpy(quantiles.astype(np.float64)),
+            torch.from_numpy(num_refs.astype(np.int64)),
+            torch.from_numpy(in_refs & (self_inclusion == "keep")),
+            beta_t,
+            targets["transform"],
+            targets["partition_mode"],
+        )
+        new.update({name: _list_array(v, k, n_rows) for name, v in values.items()})
     drop = consumed_columns(layout) - ({REF_REWARDS} if keep_ref_rewards else set())
     out = batch.drop_columns([c for c in batch.column_names if c in drop or c in new])
     for name, values in new.items():
@@ -598,9 +654,84 @@ def target_batch(
             )
         ref, _ = ref_matrix(batch, np.arange(n_rows), num_ref_rewards)
         transform = transform.for_prompts(_as_tensor(ref))
+    out = batch.drop_columns([c for c in batch.column_names if c in (*INTERMEDIATE_COLUMNS, REF_REWARDS)])
+    for name, values in _targets(q, n, incl, beta_t, transform, partition_mode).items():
+        out = out.append_column(name, _list_array(values, k, n_rows))
+    return out
+
+
+def _targets(q, n, incl, beta_t, transform, partition_mode) -> dict[str, np.ndarray]:
+    """``target``, ``beta`` and ``beta_log_z`` ``[N, k]`` float64 (``n < 0``: precomputed quantiles, n unknown)."""
     num_refs = None if (n < 0).any() else n
     targets, beta_log_z = qrpo_targets(q, transform, beta_t, num_refs, partition_mode, incl)
-    out = batch.drop_columns([c for c in batch.column_names if c in (*INTERMEDIATE_COLUMNS, REF_REWARDS)])
-    for name, values in ((TARGET, targets), (BETA, beta_t), (BETA_LOG_Z, beta_log_z)):
-        out = out.append_column(name, _list_array(values.numpy().astype(np.float64), k, n_rows))
-    return out
+    return {TARGET: targets.numpy(), BETA: beta_t.numpy(), BETA_LOG_Z: beta_log_z.numpy()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The two dataset steps, as the trainer runs them
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def map_quantiles(
+    dataset,
+    layout: Layout,
+    options: QuantileOptions,
+    *,
+    keep_ref_rewards: bool = False,
+    warn: bool = True,
+    targets: dict | None = None,
+    **map_kwargs,
+):
+    """:func:`quantile_batch` over a map-style or iterable dataset, Arrow batches in and out (Python format after)."""
+    return (
+        dataset.with_format("arrow")
+        .map(
+            quantile_batch,
+            batched=True,
+            with_indices=True,
+            batch_size=BATCH_SIZE,
+            fn_kwargs={
+                "layout": layout,
+                "options": options,
+                "keep_ref_rewards": keep_ref_rewards,
+                "warn": warn,
+                "targets": targets,
+            },
+            **map_kwargs,
+        )
+        .with_format(None)
+    )
+
+
+def map_targets(
+    dataset,
+    transform: Transform,
+    *,
+    beta: float,
+    partition_mode: str,
+    normalize_beta_by_length: bool,
+    max_length: int | None,
+    truncation_mode: str,
+    num_ref_rewards: int | None = None,
+    **map_kwargs,
+):
+    """:func:`target_batch` over a prepared dataset (the transform already fitted), Arrow batches in and out."""
+    return (
+        dataset.with_format("arrow")
+        .map(
+            target_batch,
+            batched=True,
+            batch_size=BATCH_SIZE,
+            fn_kwargs={
+                "transform": transform,
+                "beta": beta,
+                "partition_mode": partition_mode,
+                "normalize_beta_by_length": normalize_beta_by_length,
+                "max_length": max_length,
+                "truncation_mode": truncation_mode,
+                "num_ref_rewards": num_ref_rewards,
+            },
+            **map_kwargs,
+        )
+        .with_format(None)
+    )

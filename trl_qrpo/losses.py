@@ -202,6 +202,11 @@ def _group_log_partition(transform: Transform, beta: torch.Tensor, n, includes_s
     the quadrature run a handful of times, whatever the number of rows.
     """
     flat_beta = beta.reshape(-1)
+    if partition_mode == "continuous" and flat_beta.numel() and bool(flat_beta.min() == flat_beta.max()):
+        value = transform.log_partition(float(flat_beta[0]))  # one beta: one group, no sort
+        if torch.is_tensor(value) and value.dim() > 0:  # per-prompt transform: one value per row
+            return torch.broadcast_to(value.to(torch.float64).reshape(-1, *([1] * (beta.dim() - 1))), beta.shape)
+        return torch.full_like(beta, float(value))
     _, code = torch.unique(flat_beta, return_inverse=True)
     if partition_mode == "discrete":
         flat_n = n.reshape(-1).long()

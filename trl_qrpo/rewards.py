@@ -121,15 +121,23 @@ class CodePassRate:
     The sandbox is started on the first call (it probes the isolation available and logs it) and reused.
     """
 
-    __name__ = "code_pass_rate"
-    __qualname__ = "code_pass_rate"
-
     def __init__(self, config=None):
         from .sandbox import CodeSandboxConfig
 
         self.config = config if config is not None else CodeSandboxConfig.from_env()
+        # the name trainers and `trl qrpo score` log the reward under
+        self.__name__ = self.__qualname__ = "code_pass_rate"
         self._sandbox = None
         self._lock = threading.Lock()
+
+    def __getstate__(self):  # picklable (datasets.map, multiprocessing): the sandbox is rebuilt where it lands
+        return {"config": self.config}
+
+    def __setstate__(self, state):
+        self.__init__(state["config"])
+
+    def __repr__(self) -> str:
+        return f"CodePassRate({self.config!r})"
 
     @property
     def sandbox(self):
@@ -186,6 +194,12 @@ class CodePassRate:
             for status in result.statuses:
                 counts[status] = counts.get(status, 0) + 1
         logger.info(f"code_pass_rate: {len(results)} solutions, test outcomes {counts}")
+        broken = [r for r in results if "error" in r.statuses]
+        if broken:
+            logger.warning(
+                f"code_pass_rate: {len(broken)} of {len(results)} solutions ended without an answer from the sandbox "
+                f"(killed by their own code, or a sandbox failure; their tests count as failed): {broken[0].detail}"
+            )
         return [r.pass_rate for r in results]
 
 

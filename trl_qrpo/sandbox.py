@@ -22,7 +22,7 @@ Isolation, in layers (see `docs/code-rewards.md`):
 
 The result of a test is read from a pipe, as a random token that the test process writes after `check` returns,
 together with its exit status: a solution that exits early (`os._exit(0)`, `sys.exit()`) does not pass. This file
-is also the harness that runs inside the sandbox (`python -I -S sandbox.py`): it imports the standard library only.
+runs on the scorer's side; `trl_qrpo/_sandbox_harness.py` is the harness that runs inside the sandbox.
 """
 
 from __future__ import annotations
@@ -33,23 +33,25 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from ._sandbox_harness import ISOLATION_KEYS
 
 logger = logging.getLogger("trl_qrpo.sandbox")
 
 BACKENDS = ("auto", "bwrap", "subprocess")
 ENV_PREFIX = "TRL_QRPO_SANDBOX_"
 
-# What "full isolation" means: every one of these is in force.
+# What "full isolation" means: every one of these is in force (the harness reports each).
 ISOLATION_FEATURES = {
     "network": "no network (a new, empty network namespace)",
     "read_only_fs": "read-only file system except a fresh temporary directory",
@@ -60,6 +62,7 @@ ISOLATION_FEATURES = {
     "process_limit": "a cap on processes per sandbox",
     "resource_limits": "memory, CPU-time, file-size and open-file limits",
 }
+assert tuple(ISOLATION_FEATURES) == ISOLATION_KEYS
 
 
 @dataclass
@@ -238,7 +241,10 @@ def _contains_assert(node: ast.AST) -> bool:
     while stack:
         current = stack.pop()
         if isinstance(current, ast.Assert):
-            return True
+            # `assert True, "..."` (37 of HumanEval's checks have one) tests nothing: not counted
+            if not (isinstance(current.test, ast.Constant) and current.test.value):
+                return True
+            continue
         for child in ast.iter_child_nodes(current):
             if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
                 stack.append(child)
@@ -252,8 +258,9 @@ def split_tests(test: str) -> list[str]:
     definitions) is one test; a loop or an `if`/`with`/`try` block of asserts is one test (it passes when the whole
     statement runs without an exception). The other statements of the body (assignments, imports, helper
     definitions) are set-up: test k runs every set-up statement before it, in order, then its own statement.
-    A `check` without any `assert` is one test (calling it must not raise). The rest of the module (imports,
-    constants, helpers) is kept in every test.
+    An assert of a true constant (`assert True, "..."`) tests nothing and is not counted. A `check` without any
+    other assert is one test (calling it must not raise). The rest of the module (imports, constants, helpers) is
+    kept in every test.
 
     Raises:
         ValueError: the source does not parse, or defines no top-level `check` function.
@@ -309,7 +316,7 @@ class ProgramResult:
 # The sandbox (trusted side)
 # ----------------------------------------------------------------------------------------------------------------
 
-_HARNESS = os.path.abspath(__file__)
+_HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_harness.py")
 _HARNESS_IN_SANDBOX = "/run/trl-qrpo/harness.py"
 _WORKDIR_IN_SANDBOX = "/sandbox"
 _SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -343,8 +350,10 @@ class CodeSandbox:
         self._info = _interpreter_info(self.python)
         self.is_root = os.geteuid() == 0
         self.num_workers = self.config.num_workers or os.cpu_count() or 1
-        self._slots = list(range(self.num_workers))
-        self._slot_lock = threading.Lock()
+        # one user id per slot (root runs): a sandbox's process cap is its own; callers beyond num_workers wait
+        self._slots = queue.Queue()
+        for slot in range(self.num_workers):
+            self._slots.put(slot)
         self.backend, self.isolation, self.probe_detail = self._select_backend()
         self.lacks = [name for name, present in self.isolation.items() if not present]
         message = f"Code sandbox: backend '{self.backend}'" + (
@@ -526,8 +535,7 @@ class CodeSandbox:
             return ProgramResult([], "no tests")
         if program.solution is None:
             return ProgramResult(["no_code"] * len(program.tests), "no ```python block")
-        with self._slot_lock:
-            slot = self._slots.pop()
+        slot = self._slots.get()
         try:
             start = time.monotonic()
             job = {
@@ -538,13 +546,18 @@ class CodeSandbox:
             }
             answer = self._run_job(job, self.backend, slot, timeout=self.config.timeout + 10.0)
         finally:
-            with self._slot_lock:
-                self._slots.append(slot)
+            self._slots.put(slot)
         statuses = answer.get("statuses")
         if statuses is None:
+            error = answer.get("error", "")
+            if error.startswith("cannot start"):
+                raise SandboxUnavailableError(f"The '{self.backend}' sandbox {error}")
+            # The harness gave no answer: out of time, or killed by the solution itself (it may signal the harness,
+            # which runs as the same user). The tests fail ('error'); the reward function logs how many.
             partial = (answer.get("partial") or {}).get("statuses") or []
-            statuses = list(partial) + ["timeout"] * (len(program.tests) - len(partial))
-            return ProgramResult(statuses, answer.get("error", "") + f" after {time.monotonic() - start:.1f} s")
+            missing = len(program.tests) - len(partial)
+            statuses = list(partial) + ["timeout" if error == "timeout" else "error"] * missing
+            return ProgramResult(statuses, f"{error} after {time.monotonic() - start:.1f} s")
         return ProgramResult(list(statuses), answer.get("detail", ""))
 
     def run(self, programs: Sequence[Program], desc: str = "Running tests") -> list[ProgramResult]:
@@ -556,7 +569,7 @@ class CodeSandbox:
         if self.config.show_progress and len(programs) > 1:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=len(programs), desc=desc, unit="solution", leave=False)
+            progress = tqdm(total=len(programs), desc=desc, unit="solution", leave=False, mininterval=1.0)
         try:
             with ThreadPoolExecutor(max_workers=min(self.num_workers, max(1, len(programs)))) as pool:
                 futures = {pool.submit(self.run_program, p): i for i, p in enumerate(programs)}
@@ -590,297 +603,3 @@ def _last_json(out: bytes | None):
             except ValueError:
                 return None
     return None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The harness (runs inside the sandbox, before and around the untrusted code; standard library only)
-# ----------------------------------------------------------------------------------------------------------------
-
-_CLONE_NEWNS, _CLONE_NEWUTS, _CLONE_NEWIPC, _CLONE_NEWPID, _CLONE_NEWNET = (
-    0x00020000,
-    0x04000000,
-    0x08000000,
-    0x20000000,
-    0x40000000,
-)
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = (
-    1,
-    2,
-    4,
-    8,
-    32,
-    4096,
-    16384,
-    1 << 18,
-)
-_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS = 1, 4, 38
-
-
-def _libc():
-    import ctypes
-
-    return ctypes.CDLL(None, use_errno=True)
-
-
-def _prctl(libc, option: int, value: int) -> bool:
-    return libc.prctl(option, value, 0, 0, 0) == 0
-
-
-def _mount(libc, source, target, fstype, flags) -> bool:
-    def enc(s):
-        return None if s is None else s.encode()
-
-    return libc.mount(enc(source), enc(target), enc(fstype), flags, None) == 0
-
-
-def _mount_points() -> list[tuple[str, set]]:
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
-            points.append((point, set(parts[5].split(","))))
-    return points
-
-
-def _read_only_root(libc, workdir: str) -> bool:
-    """In a new mount namespace: every mount read-only except `workdir`; True when / and every mount are."""
-    if not _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE):
-        return False
-    if not _mount(libc, workdir, workdir, None, _MS_BIND):
-        return False
-    ok = True
-    for point, options in reversed(_mount_points()):
-        if point == workdir or point.startswith("/proc"):
-            continue
-        flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY
-        flags |= (_MS_NOSUID if "nosuid" in options else 0) | (_MS_NODEV if "nodev" in options else 0)
-        flags |= _MS_NOEXEC if "noexec" in options else 0
-        if not _mount(libc, None, point, None, flags):
-            ok = ok and point != "/" and not os.access(point, os.W_OK)
-    return ok
-
-
-def _isolate(job: dict) -> tuple[dict, bool, str]:
-    """Set up the sandbox around this process. Returns (isolation in force, in a new PID namespace, detail)."""
-    import resource
-
-    libc = _libc()
-    iso = dict.fromkeys(ISOLATION_FEATURES, False)
-    iso["environment"] = not any(
-        k not in ("PATH", "HOME", "TMPDIR", "LANG", "PYTHONHASHSEED", "PWD") for k in os.environ
-    )
-    detail = []
-    pid_ns = False
-    workdir = job["workdir"]
-    if job["backend"] == "bwrap":
-        iso.update(network=True, read_only_fs=True, host_files_hidden=True)
-        pid_ns = os.getpid() <= 2
-    else:
-        flags = _CLONE_NEWNET | _CLONE_NEWPID | _CLONE_NEWNS | _CLONE_NEWIPC | _CLONE_NEWUTS
-        if libc.unshare(flags) == 0:
-            iso["network"], pid_ns = True, True
-        elif libc.unshare(_CLONE_NEWNET) == 0:
-            iso["network"] = True
-            detail.append("unshare of the PID and mount namespaces refused")
-        else:
-            detail.append(f"unshare(2) refused (errno {__import__('ctypes').get_errno()}): no network namespace")
-    if job["backend"] == "subprocess" and pid_ns:
-        # The first child is PID 1 of the new namespace: it runs the tests; this process only waits for it.
-        child = os.fork()
-        if child:
-            _, status = os.waitpid(child, 0)
-            os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
-        _prctl(libc, _PR_SET_PDEATHSIG, signal.SIGKILL)
-        iso["read_only_fs"] = _read_only_root(libc, workdir)
-        if not iso["read_only_fs"]:
-            detail.append("read-only remount failed")
-        if not _mount(libc, "proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC):
-            detail.append("no fresh /proc")
-        os.chdir(workdir)
-    uid = job.get("uid")
-    if uid is not None:
-        # The untrusted code runs as `uid`; directories it cannot traverse (an interpreter under /root) are reached
-        # through directory descriptors opened now.
-        remapped = []
-        for entry in sys.path + list(job.get("sys_path") or []):
-            try:
-                fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
-            except OSError:
-                continue
-            remapped.append(f"/proc/self/fd/{fd}")
-        sys.path[:] = remapped
-        sys.path_importer_cache.clear()
-    else:
-        sys.path.extend(job.get("sys_path") or [])
-    limits = job["limits"]
-    for name, value in (
-        ("RLIMIT_AS", limits["memory"]),
-        ("RLIMIT_NPROC", limits["processes"]),
-        ("RLIMIT_FSIZE", limits["file_size"]),
-        ("RLIMIT_NOFILE", limits["open_files"]),
-        ("RLIMIT_CORE", 0),
-    ):
-        resource.setrlimit(getattr(resource, name), (value, value))
-    iso["resource_limits"] = True
-    if uid is not None:
-        try:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-        except OSError as error:
-            detail.append(f"cannot switch to user id {uid}: {error}")
-    iso["unprivileged"] = os.geteuid() != 0
-    iso["process_limit"] = iso["unprivileged"]
-    iso["pid_namespace"] = pid_ns
-    _prctl(libc, _PR_SET_NO_NEW_PRIVS, 1)
-    _prctl(libc, _PR_SET_DUMPABLE, 0)  # same-user processes cannot ptrace this one or open its /proc files
-    if not pid_ns:
-        detail.append("no PID namespace")
-    return iso, pid_ns, "; ".join(detail)
-
-
-def _run_test(solution, test: str, entry_point: str, cpu: int, nonce: bytes, write_fd: int, pid_ns: bool):
-    """In the forked child: limits, then the untrusted code, then the token on success. Never returns."""
-    import builtins
-    import resource
-
-    try:
-        if not pid_ns:
-            os.setpgid(0, 0)
-        _prctl(_libc(), _PR_SET_PDEATHSIG, signal.SIGKILL)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    except BaseException:  # noqa: BLE001 (nothing may escape the child)
-        os._exit(3)
-    passed = False
-    try:
-        namespace = {"__name__": "solution", "__builtins__": builtins}
-        exec(solution, namespace)  # noqa: S102 (running it is the point; this is the sandboxed child)
-        exec(compile(test, "<test>", "exec", dont_inherit=True), namespace)  # noqa: S102
-        candidate = eval(entry_point, namespace)
-        namespace["check"](candidate)
-        passed = True
-    except BaseException:  # noqa: BLE001 (SystemExit, KeyboardInterrupt and the rest: the test fails)
-        passed = False
-    if passed:
-        try:
-            os.write(write_fd, nonce)
-        except BaseException:  # noqa: BLE001
-            os._exit(1)
-        os._exit(0)
-    os._exit(1)
-
-
-def _wait(pid: int, timeout: float):
-    """Exit status of `pid`, or None when it is still running after `timeout` seconds."""
-    import select
-
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        pidfd = None
-    end = time.monotonic() + timeout
-    try:
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                return status
-            left = end - time.monotonic()
-            if left <= 0:
-                return None
-            if pidfd is not None:
-                select.select([pidfd], [], [], left)
-            else:
-                time.sleep(min(0.01, left))
-    finally:
-        if pidfd is not None:
-            os.close(pidfd)
-
-
-def _kill_all(pid: int, pid_ns: bool) -> None:
-    """Kill the test's process and everything it started."""
-    if pid_ns and os.getpid() <= 2:  # PID 1 or 2 only exist for us inside a namespace of our own
-        try:
-            os.kill(-1, signal.SIGKILL)  # every process this one may signal in its own PID namespace, not itself
-        except ProcessLookupError:
-            pass
-    else:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
-    if os.getpid() == 1:  # the namespace's init reaps the orphans
-        while True:
-            try:
-                if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                    break
-            except ChildProcessError:
-                break
-
-
-def _harness_main() -> None:
-    job = json.loads(sys.stdin.buffer.read())
-    out = os.fdopen(os.dup(1), "w")
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.dup2(devnull, 1)
-    isolation, pid_ns, detail = _isolate(job)
-    if job.get("probe"):
-        out.write(json.dumps({"isolation": isolation, "detail": detail}) + "\n")
-        out.flush()
-        return
-    statuses = []
-    deadline = time.monotonic() + float(job["deadline"])
-    try:
-        solution = compile(job["solution"], "<solution>", "exec", dont_inherit=True)
-    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError) as error:
-        statuses = ["syntax_error"] * len(job["tests"])
-        out.write(json.dumps({"statuses": statuses, "detail": f"{type(error).__name__}: {error}"[:500]}) + "\n")
-        out.flush()
-        return
-    cpu = int(job["limits"]["cpu"])
-    for test in job["tests"]:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            statuses.append("timeout")
-            continue
-        nonce = os.urandom(16)
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read_fd)
-            out.close()
-            _run_test(solution, test, job["entry_point"], cpu, nonce, write_fd, pid_ns)
-        os.close(write_fd)
-        if not pid_ns:
-            try:
-                os.setpgid(pid, pid)
-            except OSError:
-                pass
-        status = _wait(pid, min(float(job["test_timeout"]), left))
-        os.set_blocking(read_fd, False)
-        try:
-            token = os.read(read_fd, 64)
-        except OSError:
-            token = b""
-        os.close(read_fd)
-        _kill_all(pid, pid_ns)
-        if status is None:
-            statuses.append("timeout")
-        elif token == nonce and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-            statuses.append("passed")
-        else:
-            statuses.append("failed")
-    out.write(json.dumps({"statuses": statuses, "detail": detail}) + "\n")
-    out.flush()
-
-
-if __name__ == "__main__":
-    _harness_main()

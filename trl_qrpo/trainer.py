@@ -50,17 +50,16 @@ from .columns import (
 )
 from .config import QRPOConfig
 from .data import (
-    BATCH_SIZE,
     PAIRED,
+    QuantileOptions,
     alias_renames,
     check_references,
-    consumed_columns,
     detect_layout,
     fit_transform,
     kept_completion_tokens,
-    quantile_batch,
+    map_quantiles,
+    map_targets,
     shadowed_aliases,
-    target_batch,
     token_lengths,
 )
 from .losses import qrpo_loss, rebel_loss
@@ -103,11 +102,11 @@ class DataCollatorForQRPO(DataCollatorMixin):
             raise ValueError(
                 f"Unsupported truncation mode: {self.truncation_mode}, expected 'keep_start' or 'keep_end'"
             )
-        k = len(examples[0]["completion_ids"])
+        k = len(examples[0][COMPLETION_IDS])
         ids, completion_masks = [], []
         for j in range(k):
             for example in examples:
-                prompt, completion = example["prompt_ids"], example["completion_ids"][j]
+                prompt, completion = example[PROMPT_IDS], example[COMPLETION_IDS][j]
                 seq = prompt + completion
                 mask = [0] * len(prompt) + [1] * len(completion)
                 if self.max_length is not None:
@@ -284,6 +283,8 @@ class QRPOTrainer(DPOTrainer):
                     "reference rewards each quantile was computed from)."
                 )
             per_prompt = self._transform.per_prompt
+            late_targets = per_prompt or args.normalize_beta_by_length
+            target_kwargs = {"transform": self._transform, "beta": args.beta, "partition_mode": args.partition_mode}
             if per_prompt and not layout.has_ref_rewards:
                 raise ValueError(
                     f"The {self._transform.name!r} transform depends on each prompt's reference rewards: the "
@@ -298,25 +299,17 @@ class QRPOTrainer(DPOTrainer):
                 check_references(_arrow_columns(dataset, [REF_REWARDS]), args.num_ref_rewards, dataset_name)
 
             # 1. Validate, quantiles, sample selector (Arrow in, Arrow out): one row = a prompt and its k completions.
-            dataset = dataset.with_format("arrow").map(
-                quantile_batch,
-                batched=True,
-                with_indices=True,
-                batch_size=BATCH_SIZE,
-                fn_kwargs={
-                    "layout": layout,
-                    "num_ref_rewards": args.num_ref_rewards,
-                    "ties": args.ties,
-                    "sample_selector": args.sample_selector,
-                    "self_inclusion": args.self_inclusion,
-                    "seed": args.seed,
-                    "keep_ref_rewards": per_prompt,
-                    "warn": not is_map_style,
-                },
+            dataset = map_quantiles(
+                dataset,
+                layout,
+                QuantileOptions.from_args(args),
+                keep_ref_rewards=per_prompt,
+                warn=not is_map_style,
+                # Targets that need neither token counts nor the data set's statistics come in this same pass.
+                targets=None if late_targets else target_kwargs,
                 **map_kwargs,
                 **desc("Computing quantile rewards for"),
             )
-            dataset = dataset.with_format(None)
 
             # 2. EOS for plain-text completions, then tokenization with TRL's prompt/completion boundary rule, batched.
             first = next(iter(dataset))
@@ -328,6 +321,7 @@ class QRPOTrainer(DPOTrainer):
                     "processing_class": processing_class,
                     "eos_token": None if conversational else self._tokenizer.eos_token,
                 },
+                remove_columns=[COMPLETIONS],
                 **map_kwargs,
                 **desc("Tokenizing"),
             )
@@ -352,29 +346,26 @@ class QRPOTrainer(DPOTrainer):
             if is_map_style and args.max_length is not None:
                 self._warn_truncated(dataset, args, dataset_name)
 
-            # 4. Targets f(q) - beta * log Z, once. A per-prompt transform is fitted to the training set (the first
-            # data set prepared) and reused for evaluation sets.
-            if per_prompt and self._fitted_transform is None:
-                self._fitted_transform = fit_transform(
-                    self._transform, _arrow_columns(dataset, [REF_REWARDS]), args.num_ref_rewards
+            # 4. Targets f(q) - beta * log Z, once (unless already computed with the quantiles). A per-prompt
+            # transform is fitted to the training set (the first data set prepared) and reused for evaluation sets.
+            if late_targets:
+                if per_prompt and self._fitted_transform is None:
+                    self._fitted_transform = fit_transform(
+                        self._transform, _arrow_columns(dataset, [REF_REWARDS]), args.num_ref_rewards
+                    )
+                dataset = map_targets(
+                    dataset,
+                    self._fitted_transform if per_prompt else self._transform,
+                    beta=args.beta,
+                    partition_mode=args.partition_mode,
+                    normalize_beta_by_length=args.normalize_beta_by_length,
+                    max_length=args.max_length,
+                    truncation_mode=args.truncation_mode,
+                    num_ref_rewards=args.num_ref_rewards,
+                    **map_kwargs,
+                    **desc("Computing QRPO targets for"),
                 )
-            dataset = dataset.with_format("arrow").map(
-                target_batch,
-                batched=True,
-                batch_size=BATCH_SIZE,
-                fn_kwargs={
-                    "transform": self._fitted_transform if per_prompt else self._transform,
-                    "beta": args.beta,
-                    "partition_mode": args.partition_mode,
-                    "normalize_beta_by_length": args.normalize_beta_by_length,
-                    "max_length": args.max_length,
-                    "truncation_mode": args.truncation_mode,
-                    "num_ref_rewards": args.num_ref_rewards,
-                },
-                **map_kwargs,
-                **desc("Computing QRPO targets for"),
-            )
-        return dataset.with_format(None)
+        return dataset
 
     def _warn_truncated(self, dataset, args, dataset_name):
         prompt_lens, completion_lens = token_lengths(_arrow_columns(dataset, [PROMPT_IDS, COMPLETION_IDS]))
@@ -422,7 +413,7 @@ class QRPOTrainer(DPOTrainer):
             adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         with (
             torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            _activation_checkpointing_off(self.model, self.args.gradient_checkpointing_kwargs),
             adapter_context,
             self.accelerator.autocast(),
         ):
@@ -578,9 +569,6 @@ class QRPOTrainer(DPOTrainer):
         metrics["num_tokens"] = [self._total_train_tokens]
 
 
-_consumed_columns = consumed_columns  # the input columns the quantile step replaces
-
-
 def _arrow_columns(dataset: Dataset, names: list[str]):
     """Whole columns of a map-style dataset as one Arrow table, in row order (zero-copy without an indices mapping)."""
     return dataset.select_columns(names).with_format("arrow")[:]
@@ -588,6 +576,24 @@ def _arrow_columns(dataset: Dataset, names: list[str]):
 
 def _completions_per_row(batch) -> int:
     return int(batch["side"].max().item()) + 1
+
+
+@contextlib.contextmanager
+def _activation_checkpointing_off(model, checkpointing_kwargs):
+    """TRL's `disable_gradient_checkpointing`, through transformers' `activation_checkpointing_*` names where they exist
+    (transformers >= 5.2x warns at every use of the old `gradient_checkpointing` names: once per step here)."""
+    if not hasattr(model, "activation_checkpointing_disable"):
+        with disable_gradient_checkpointing(model, checkpointing_kwargs):
+            yield
+        return
+    was_enabled = model.is_activation_checkpointing
+    if was_enabled:
+        model.activation_checkpointing_disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            model.activation_checkpointing_enable(checkpointing_kwargs)
 
 
 def _model_inputs(inputs) -> dict:

