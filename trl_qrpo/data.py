@@ -672,6 +672,14 @@ def _targets(q, n, incl, beta_t, transform, partition_mode) -> dict[str, np.ndar
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _map_arrow(dataset, function, fn_kwargs: dict, **map_kwargs):
+    """`dataset.map(function, batched=True)` with Arrow batches in and out (Python format after)."""
+    mapped = dataset.with_format("arrow").map(
+        function, batched=True, batch_size=BATCH_SIZE, fn_kwargs=fn_kwargs, **map_kwargs
+    )
+    return mapped.with_format(None)
+
+
 def map_quantiles(
     dataset,
     layout: Layout,
@@ -683,24 +691,14 @@ def map_quantiles(
     **map_kwargs,
 ):
     """:func:`quantile_batch` over a map-style or iterable dataset, Arrow batches in and out (Python format after)."""
-    return (
-        dataset.with_format("arrow")
-        .map(
-            quantile_batch,
-            batched=True,
-            with_indices=True,
-            batch_size=BATCH_SIZE,
-            fn_kwargs={
-                "layout": layout,
-                "options": options,
-                "keep_ref_rewards": keep_ref_rewards,
-                "warn": warn,
-                "targets": targets,
-            },
-            **map_kwargs,
-        )
-        .with_format(None)
-    )
+    fn_kwargs = {
+        "layout": layout,
+        "options": options,
+        "keep_ref_rewards": keep_ref_rewards,
+        "warn": warn,
+        "targets": targets,
+    }
+    return _map_arrow(dataset, quantile_batch, fn_kwargs, with_indices=True, **map_kwargs)
 
 
 def map_targets(
@@ -716,22 +714,13 @@ def map_targets(
     **map_kwargs,
 ):
     """:func:`target_batch` over a prepared dataset (the transform already fitted), Arrow batches in and out."""
-    return (
-        dataset.with_format("arrow")
-        .map(
-            target_batch,
-            batched=True,
-            batch_size=BATCH_SIZE,
-            fn_kwargs={
-                "transform": transform,
-                "beta": beta,
-                "partition_mode": partition_mode,
-                "normalize_beta_by_length": normalize_beta_by_length,
-                "max_length": max_length,
-                "truncation_mode": truncation_mode,
-                "num_ref_rewards": num_ref_rewards,
-            },
-            **map_kwargs,
-        )
-        .with_format(None)
-    )
+    fn_kwargs = {
+        "transform": transform,
+        "beta": beta,
+        "partition_mode": partition_mode,
+        "normalize_beta_by_length": normalize_beta_by_length,
+        "max_length": max_length,
+        "truncation_mode": truncation_mode,
+        "num_ref_rewards": num_ref_rewards,
+    }
+    return _map_arrow(dataset, target_batch, fn_kwargs, **map_kwargs)

@@ -97,6 +97,16 @@ def completion_texts(prompts: list, completions: list, tokenizer) -> list[str]:
     return [p + c for p, c in zip(prompts, completions, strict=True)]
 
 
+def reward_model_token_ids(tokenizer, prompts, completions, max_length=None) -> tuple[list[list[int]], int]:
+    """A reward model's input ids of each (prompt, completion), the start kept when longer than `max_length`, and
+    how many were cut (the same for every backend: transformers and vLLM score the same tokens)."""
+    texts = completion_texts(prompts, completions, tokenizer)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    if max_length is None:
+        return ids, 0
+    return [x[:max_length] for x in ids], sum(len(x) > max_length for x in ids)
+
+
 def load_reward_tokenizer(model, args, processing_class=None):
     """The reward model's tokenizer: `processing_class`, else `args.reward_tokenizer_name_or_path`, else the model's."""
     processing_class = processing_class if processing_class is not None else args.reward_tokenizer_name_or_path
@@ -150,11 +160,8 @@ class RewardModelScorer:
 
     def token_ids(self, prompts, completions) -> list[list[int]]:
         """The reward model's input ids of each (prompt, completion), truncated to `max_length` (counted)."""
-        texts = completion_texts(prompts, completions, self.tokenizer)
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        if self.max_length is not None:
-            self.num_truncated += sum(len(x) > self.max_length for x in ids)
-            ids = [x[: self.max_length] for x in ids]
+        ids, truncated = reward_model_token_ids(self.tokenizer, prompts, completions, self.max_length)
+        self.num_truncated += truncated
         return ids
 
     def __call__(self, prompts, completions, progress=None, **kwargs) -> list[float]:

@@ -250,13 +250,10 @@ class VLLMRewardScorer:
 
     def token_ids(self, prompts, completions) -> list[list[int]]:
         """The reward model's input ids of each (prompt, completion), as [`RewardModelScorer.token_ids`] makes them."""
-        from .scoring import completion_texts
+        from .scoring import reward_model_token_ids
 
-        texts = completion_texts(prompts, completions, self.tokenizer)
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        if self.max_length is not None:
-            self.num_truncated += sum(len(x) > self.max_length for x in ids)
-            ids = [x[: self.max_length] for x in ids]
+        ids, truncated = reward_model_token_ids(self.tokenizer, prompts, completions, self.max_length)
+        self.num_truncated += truncated
         return ids
 
     def _pooled_prefix(self, ids: list[int]) -> list[int]:
