@@ -11,6 +11,9 @@
 
 VENV ?= $(CURDIR)/.venv
 PYTHON ?= python3
+# PyTorch first, pinned for the tests: a bare `torch` requirement can pull a multi-GB CUDA build. torch==2.13.0 is
+# the CPU build on this project's machines (elsewhere set TORCH_INDEX_URL, see tools/setup_env.sh).
+TORCH ?= torch==2.13.0
 QUICKSTART_ARGS ?=
 PYTEST_ARGS ?=
 
@@ -25,7 +28,7 @@ help:
 	@sed -n '3,5p' Makefile | sed 's/^# *//'
 
 setup:
-	@VENV="$(VENV)" PYTHON="$(PYTHON)" bash tools/setup_env.sh
+	@VENV="$(VENV)" PYTHON="$(PYTHON)" TORCH="$(TORCH)" bash tools/setup_env.sh
 
 quickstart: setup
 	@echo "[quickstart] bash recipes/quickstart/run.sh $(QUICKSTART_ARGS)   (with $(VENV)/bin first on PATH, offline)"

