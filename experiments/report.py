@@ -23,6 +23,19 @@ import numpy as np
 LABELS = {"qrpo": "QRPO", "dpo": "DPO", "simpo": "SimPO", "rebel": "REBEL", "reference": "pi_ref"}
 COLORS = {"qrpo": "tab:red", "dpo": "tab:blue", "simpo": "tab:green", "rebel": "tab:purple", "reference": "black"}
 FRONTIER_GROUPS = ("frontier", "pointwise")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def portable(value):
+    """`value` (a config) with the paths inside this repository written relative to its root, so that committed
+    results name no machine's folders."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if isinstance(value, str) and value.startswith(str(REPO) + "/"):
+        return value[len(str(REPO)) + 1 :]
+    return value
 # frontier curves: (method, training data) -> label, color, line style
 CURVES = {
     ("qrpo", "pairs"): ("QRPO (best/worst pairs)", "tab:red", "-"),
@@ -194,8 +207,15 @@ def build_report(cfg: dict, work: Path, results_dir: Path) -> dict:
             frontier_markdown(frontier_rows, reference, kl_grid, _load_if(work / "pointwise_stats.json"))
         )
         _frontier_plot(results_dir / "frontier.png", frontier_rows, reference)
+        import yaml
+
+        (results_dir / "config.yaml").write_text(
+            "# The exact configuration of these results (profile and --set overrides applied), written by report.py;\n"
+            "# it runs again with: python experiments/run.py --config <this file>\n"
+            + yaml.safe_dump(portable(cfg), sort_keys=False)
+        )
     summary = {
-        "config": cfg,
+        "config": portable(cfg),
         "data": data_stats,
         "timing_seconds": timing,
         "reference": reference,

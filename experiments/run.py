@@ -4,7 +4,7 @@
     python experiments/run.py --config experiments/config.yaml            # everything (~60 min on 2 idle cores)
     python experiments/run.py --config experiments/config.yaml --quick    # the same pipeline, small (~9 min)
     python experiments/run.py --config experiments/config.yaml --comparison   # the 4 methods x 3 seeds only (~27 min)
-    python experiments/run.py --config experiments/config.yaml --frontier     # reward-KL frontiers (~2 h 20 min)
+    python experiments/run.py --config experiments/config.yaml --frontier     # reward-KL frontiers (~2 h 20 min, measured)
 
 Stages (each resumes: finished work in `work_dir` is skipped, so a killed run continues when started again):
 
@@ -385,9 +385,15 @@ def run_specs(cfg: dict) -> list[dict]:
                 for beta in m[method]["betas"][1:]:
                     for seed in sweep_seeds:
                         add(method, beta, seed, group)
-        elif group == "frontier":  # seed-major: a partial run has every curve at the first seed
+        elif group == "frontier":
+            # Seed-major, so that a partial run has every curve at the first seed; within a seed the comparison the
+            # profile exists for first (QRPO pointwise, when the pointwise group is planned, and DPO on the pairs of
+            # the same samples), then QRPO on pairs, REBEL, and SimPO (no reference model) last.
             for seed in seeds:
-                for method in METHODS:
+                if "pointwise" in cfg["groups"]:
+                    for beta in cfg["frontier_sweep"]["pointwise_betas"]:
+                        add("qrpo", beta, seed, "pointwise", data="pointwise")
+                for method in ("dpo", "qrpo", "rebel", "simpo"):
                     for beta in cfg["frontier_sweep"]["betas"][method]:
                         add(method, beta, seed, group)
         elif group == "pointwise":
@@ -402,18 +408,35 @@ def run_specs(cfg: dict) -> list[dict]:
     return specs
 
 
-def set_threads(setting, own_load: float = 0.0) -> int:
+def busy_cores_of_others(interval: float = 1.0) -> float:
+    """Cores that other processes keep busy now: the machine's busy CPU time over `interval` seconds (/proc/stat)
+    minus this process's own. The 1-minute load average lags by minutes (a set-up that just finished still counts);
+    it is the fallback where /proc/stat is missing."""
+    try:
+
+        def busy() -> float:
+            with open("/proc/stat") as f:
+                fields = [float(x) for x in f.readline().split()[1:]]
+            return (sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0.0)) / os.sysconf("SC_CLK_TCK")
+
+        machine, own = busy(), time.process_time()
+        time.sleep(interval)
+        return max(0.0, (busy() - machine - (time.process_time() - own)) / interval)
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+
+
+def set_threads(setting) -> int:
     """torch threads: an int, or "auto": every core when nothing else runs, else 1 (OpenMP threads that wait for a
-    busy core slow every operation down several times). `own_load`: this process's share of the 1-minute load
-    average (the threads it has been running)."""
+    busy core slow every operation down several times); "auto" measures what other processes use now
+    (`busy_cores_of_others`), not the load average, which lags by minutes."""
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if setting in (None, "default"):
         return torch.get_num_threads()
     if setting == "auto":
-        others = os.getloadavg()[0] - own_load
-        n = cores if others < 0.5 else 1
+        n = cores if busy_cores_of_others() < 0.5 else 1
     else:
         n = int(setting)
     torch.set_num_threads(n)
@@ -635,7 +658,7 @@ def stage_runs(
         rid = run_id(spec)
         out = work / "runs" / rid
         load = os.getloadavg()[0]
-        threads = set_threads(cfg.get("threads"), own_load=0.0 if i == 1 else torch.get_num_threads())
+        threads = set_threads(cfg.get("threads"))
         log(f"run {i}/{len(todo)}: {rid} ({threads} thread{'s' if threads > 1 else ''}, load {load:.1f})")
         start, cpu_start = time.time(), time.process_time()
         policy, _, history = train_policy(spec, cfg, pairs, model_path, out, pointwise=pointwise)
@@ -704,7 +727,7 @@ def main(argv=None) -> int:
         "--frontier",
         action="store_true",
         help="the reward-KL frontiers: 4 methods x 5 betas x 2 seeds, and QRPO pointwise on all samples "
-        "(about 2 h 20 min on 2 idle cores)",
+        "(about 2 h 20 min on 2 idle cores, measured)",
     )
     parser.add_argument("--model", default=None, help="override the config's model (a folder, or 'smollm2')")
     parser.add_argument("--work_dir", default=None, help="override the config's work_dir")

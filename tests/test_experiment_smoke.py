@@ -4,6 +4,7 @@ second invocation that must find everything done (resume)."""
 
 import importlib.util
 import json
+import time
 import sys
 from pathlib import Path
 
@@ -206,6 +207,8 @@ def test_experiment_frontier_tiny(tiny_model_dir, tmp_path, monkeypatch):
     for name in ("frontier.png", "frontier.csv", "frontier_table.md"):
         assert (results / name).stat().st_size > 0
     assert not (results / "main.csv").exists()  # the comparison's tables belong to other profiles
+    # the exact configuration beside the results: loading it again gives the configuration that ran
+    assert run.load_config(str(results / "config.yaml"), None, []) == json.loads((work / "config.json").read_text())
     table = (results / "frontier_table.md").read_text()
     assert "QRPO pointwise (all samples) | 0.1 | 2 |" in table and "KL = 0.0001" in table
 
@@ -213,3 +216,24 @@ def test_experiment_frontier_tiny(tiny_model_dir, tmp_path, monkeypatch):
     assert run.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in (work / "runs").glob("*/result.json")} == stamps
     sys.modules.pop("experiment_run", None)
+
+
+def test_auto_threads_sees_other_processes_now():
+    """threads: auto counts the cores other processes use now (not this process's own work, not the lagging load
+    average): a child spinning on one core is seen, and with it busy `auto` takes 1 thread."""
+    import subprocess
+
+    import torch
+
+    run = _load_run_module()
+    threads = torch.get_num_threads()
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"])
+    try:
+        time.sleep(0.5)
+        assert run.busy_cores_of_others(interval=1.0) >= 0.5
+        assert run.set_threads("auto") == 1
+        assert run.set_threads(2) == 2
+    finally:
+        spinner.kill()
+        spinner.wait()
+        torch.set_num_threads(threads)
