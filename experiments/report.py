@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 LABELS = {"qrpo": "QRPO", "dpo": "DPO", "simpo": "SimPO", "rebel": "REBEL", "reference": "pi_ref"}
 COLORS = {"qrpo": "tab:red", "dpo": "tab:blue", "simpo": "tab:green", "rebel": "tab:purple", "reference": "black"}
@@ -36,6 +37,8 @@ def portable(value):
     if isinstance(value, str) and value.startswith(str(REPO) + "/"):
         return value[len(str(REPO)) + 1 :]
     return value
+
+
 # frontier curves: (method, training data) -> label, color, line style
 CURVES = {
     ("qrpo", "pairs"): ("QRPO (best/worst pairs)", "tab:red", "-"),
@@ -207,8 +210,6 @@ def build_report(cfg: dict, work: Path, results_dir: Path) -> dict:
             frontier_markdown(frontier_rows, reference, kl_grid, _load_if(work / "pointwise_stats.json"))
         )
         _frontier_plot(results_dir / "frontier.png", frontier_rows, reference)
-        import yaml
-
         (results_dir / "config.yaml").write_text(
             "# The exact configuration of these results (profile and --set overrides applied), written by report.py;\n"
             "# it runs again with: python experiments/run.py --config <this file>\n"

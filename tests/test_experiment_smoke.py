@@ -4,8 +4,8 @@ second invocation that must find everything done (resume)."""
 
 import importlib.util
 import json
-import time
 import sys
+import time
 from pathlib import Path
 
 import pytest
