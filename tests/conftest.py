@@ -1,10 +1,20 @@
+import os
 import sys
 from pathlib import Path
 
-# Nothing in the tests may reach the Hugging Face Hub.
-from trl_qrpo.offline import use_offline_defaults
-
-use_offline_defaults()
+# Nothing in the tests may reach the Hugging Face Hub: set before transformers, datasets or huggingface_hub are
+# imported (they read these at import time). Values already set win.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_DISABLED": "true",
+    "TQDM_DISABLE": "1",
+}
+for _name, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 import pytest  # noqa: E402
 

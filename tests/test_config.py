@@ -214,3 +214,18 @@ def test_a_transform_whose_log_z_quadrature_fails_is_refused_by_the_config(tmp_p
     make_config(tmp_path, bf16=False, transform="plain-ndtri", beta=1.0)
     with pytest.raises(ValueError, match="normalize_beta_by_length"):
         make_config(tmp_path, bf16=False, transform="plain-ndtri", beta=1.0, normalize_beta_by_length=True)
+
+
+# ------------------------------------------------------------------------------- the options of the data steps
+
+
+def test_data_step_options_are_built_from_the_config(tmp_path):
+    """Each data step gets one options object, built from the config's fields of the same names."""
+    from trl_qrpo.data import QuantileOptions, TargetOptions
+
+    args = make_config(tmp_path, bf16=False, transform="log", beta=0.05, num_ref_rewards=3, ties="random")
+    targets = TargetOptions.from_args(args)
+    assert (targets.transform.name, targets.beta, targets.partition_mode) == ("log", 0.05, "continuous")
+    assert (targets.max_length, targets.truncation_mode) == (args.max_length, args.truncation_mode)
+    assert targets.num_ref_rewards == 3 and targets.in_quantile_pass
+    assert QuantileOptions.from_args(args) == QuantileOptions(3, "random", "both", "leave_one_out", args.seed)

@@ -11,9 +11,10 @@ from accelerate import PartialState
 from datasets import Dataset, IterableDataset
 from test_trainer import as_dataset, config, make_rows
 
-from trl_qrpo import QRPOTrainer, quantile_rewards
+from trl_qrpo import QRPOTrainer
+from trl_qrpo.collator import DataCollatorForQRPO
 from trl_qrpo.data import scored_completion_tokens
-from trl_qrpo.trainer import DataCollatorForQRPO, _tokenize_batch, _tokenize_row
+from trl_qrpo.tokenization import tokenize_batch, tokenize_row
 from trl_qrpo.transforms import Transform, register_transform
 
 
@@ -37,9 +38,9 @@ def test_batched_tokenization_gives_the_per_row_ids(tiny_tokenizer, conversation
     if not conversational:  # tokens merge across the boundary: the completion starts where they diverge
         batch["prompt"][0], batch["completions"][0] = "Th", ["e sky", "e sea"]
     eos = None if conversational else tiny_tokenizer.eos_token
-    batched = _tokenize_batch(batch, tiny_tokenizer, eos)
+    batched = tokenize_batch(batch, tiny_tokenizer, eos)
     for i in range(len(rows)):
-        row = _tokenize_row({key: values[i] for key, values in batch.items()}, tiny_tokenizer, eos)
+        row = tokenize_row({key: values[i] for key, values in batch.items()}, tiny_tokenizer, eos)
         assert batched["prompt_ids"][i] == row["prompt_ids"]
         assert batched["completion_ids"][i] == row["completion_ids"]
     if not conversational:
@@ -53,9 +54,9 @@ def test_rows_with_their_own_tools_take_the_per_row_path(tiny_tokenizer):
         "completions": [[r["chosen"]] for r in rows],
         "chat_template_kwargs": [None, {"custom": 1}, None],
     }
-    batched = _tokenize_batch(batch, tiny_tokenizer, None)
+    batched = tokenize_batch(batch, tiny_tokenizer, None)
     for i in range(3):
-        row = _tokenize_row({key: values[i] for key, values in batch.items()}, tiny_tokenizer, None)
+        row = tokenize_row({key: values[i] for key, values in batch.items()}, tiny_tokenizer, None)
         assert batched["prompt_ids"][i] == row["prompt_ids"]
         assert batched["completion_ids"][i] == row["completion_ids"]
 
@@ -92,12 +93,11 @@ def test_reference_lists_of_different_lengths_train_with_a_warning(tiny_model_di
         trainer = trainer_for(tiny_model_dir, tmp_path, rows)
     message = next(str(w.message) for w in record if "different lengths" in str(w.message))
     assert "3 to 6 rewards" in message and "of 8 rows" in message and "num_ref_rewards" in message
-    for i, row in enumerate(rows):  # each quantile over its own row's references
-        expected = quantile_rewards(torch.tensor([row["reward"]]), torch.tensor([row["ref_rewards"]]))
-        assert trainer.train_dataset["quantile"][i][0] == pytest.approx(expected.item())
-        assert trainer.train_dataset["target"][i][0] == pytest.approx(
-            expected.item() - 0.1 * (math.log(0.1) + 10 + math.log1p(-math.exp(-10)))
-        )
+    for i, row in enumerate(rows):  # each quantile over its own row's references, counted here
+        expected = sum(r <= row["reward"] for r in row["ref_rewards"]) / len(row["ref_rewards"])
+        assert trainer.train_dataset["quantile"][i][0] == pytest.approx(expected)
+        # identity, beta = 0.1: log Z = log int_0^1 exp(t / 0.1) dt = log(0.1 (e^10 - 1))
+        assert trainer.train_dataset["target"][i][0] == pytest.approx(expected - 0.1 * math.log(0.1 * math.expm1(10)))
     trainer.train()
     with warnings.catch_warnings(record=True) as record:  # num_ref_rewards: the same n for every row, no warning
         warnings.simplefilter("always")
@@ -229,7 +229,8 @@ def test_scored_completion_tokens_equal_the_collators_count():
 
 class RangeScaledNormalICDF(Transform):
     """f(t) = mu(x) + sigma(x) Phi^{-1}(t): sigma(x) = range(S(x)) / mean range over the training set, mu(x) =
-    mean(S(x)) - mean of the means; log Z(x) = mu(x)/beta + sigma(x)^2 / (2 beta^2) (qrpo-math.md, affine)."""
+    mean(S(x)) - mean of the means; log Z(x) = mu(x)/beta + sigma(x)^2 / (2 beta^2) (docs/math.md, "Per-prompt
+    transforms")."""
 
     name = "range-scaled-normal-icdf"
     clamp_low = clamp_high = per_prompt = True
@@ -280,7 +281,7 @@ def test_a_registered_per_prompt_transform_is_fitted_and_applied(tiny_model_dir,
         sigma = span / (train_ref.amax(1) - train_ref.amin(1)).mean()
         mu = mean - train_ref.mean(1).mean()
         rewards = torch.tensor([[r["chosen_reward"], r["rejected_reward"]] for r in rows], dtype=torch.float64)
-        q = quantile_rewards(rewards, ref).clamp(1 / 5, 4 / 5)
+        q = (ref[:, None, :] <= rewards[:, :, None]).double().mean(dim=2).clamp(1 / 5, 4 / 5)  # [P, 2], counted
         beta_log_z = 0.5 * (mu / 0.5 + sigma**2 / (2 * 0.25))
         return mu[:, None] + sigma[:, None] * torch.special.ndtri(q) - beta_log_z[:, None]
 

@@ -1,4 +1,5 @@
-"""The exact-optimum check of qrpo-math.md section 6: QRPOTrainer reaches pi* when, and only when, log Z is exact.
+"""The exact-optimum check (docs/math.md, "The exact-optimum check"): QRPOTrainer reaches pi* when, and only when,
+log Z is exact.
 
 One prompt; every completion is exactly one token and the completions enumerate the whole vocabulary, so the
 enumerated set is the policy's entire support (sum of pi_theta over it is 1 by construction, and checked). pi_ref is

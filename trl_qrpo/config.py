@@ -13,13 +13,18 @@ from .losses import BASELINE_LOSS_TYPES, LOSS_TYPES, PARTITION_MODES, TIES
 
 
 def _accelerator_supports_bf16(use_cpu: bool) -> bool:
-    """Whether training runs on an accelerator that supports bf16: the check transformers makes before it accepts
-    `bf16=True` without `use_cpu` (CUDA with bf16 support, XPU, NPU, HPU, MPS on macOS 14+, TPU/XLA, ...)."""
-    import os
+    """Whether bf16 may default to on, decided by the libraries' own checks (nothing re-implemented here).
 
+    False when the run is forced onto the CPU: ``use_cpu``, or ``ACCELERATE_USE_CPU`` read as accelerate reads it
+    (``accelerate.utils.parse_flag_from_env``, which ``accelerate launch --cpu`` sets). Otherwise the check
+    transformers' ``TrainingArguments`` makes before it accepts ``bf16=True`` without ``use_cpu``:
+    ``transformers.utils.is_torch_bf16_gpu_available()`` (CUDA with bf16 support, XPU, NPU, HPU, MPS on macOS 14+, ...)
+    or ``is_torch_xla_available()`` (TPU). Not ``accelerate.utils.is_bf16_available``: it answers True on a CPU.
+    """
+    from accelerate.utils import parse_flag_from_env
     from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
-    if use_cpu or os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes"):
+    if use_cpu or parse_flag_from_env("ACCELERATE_USE_CPU"):
         return False
     return bool(is_torch_bf16_gpu_available() or is_torch_xla_available())
 
@@ -64,7 +69,7 @@ class QRPOConfig(DPOConfig):
             added with [`register_transform`] before the config is built, or an import path
             `"package.module:function"` (log Z by quadrature). Checked when the config is built: an unknown name, an
             import path that does not import, or a plain function whose log Z the quadrature cannot compute to 1e-7
-            at `beta` (such as Phi^-1 below beta 0.35) is an error.
+            at `beta` (such as Phi^-1 below beta 0.34) is an error.
         transform_kwargs (`dict`, *optional*):
             Parameters of the transform, e.g. `{"mu": 0.0, "sigma": 2.0}` for `"affine-normal-icdf"`.
         partition_mode (`str`, *optional*, defaults to `"continuous"`):

@@ -19,6 +19,11 @@ batch of B rows means B pairs, as in DPO, and the chosen/rejected accuracy can b
 numpy arrays straight from Arrow (one ``[rows, n]`` matrix when the lists have equal lengths, NaN-padded when not)
 and the new columns are written as Arrow arrays, never as Python lists.
 
+Each step takes its options as one frozen object built from the QRPOConfig: :class:`QuantileOptions` for
+:func:`quantile_batch` / :func:`map_quantiles` (references, ties, sides, self-inclusion, seed) and
+:class:`TargetOptions` for :func:`target_batch` / :func:`map_targets` (transform, beta, partition mode, length
+options), ``QuantileOptions.from_args(config)`` and ``TargetOptions.from_args(config, transform)``.
+
 Transforms that depend on the prompt (``Transform.per_prompt``) get their parameters through ``Transform.fit`` (the
 training set's reference rewards, :func:`fit_transform`) and ``Transform.for_prompts`` (a batch's): this module
 keeps the ``ref_rewards`` column until targets are computed for them, and knows no transform's formula.
@@ -32,7 +37,7 @@ Nothing here imports a trainer or TRL.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +59,7 @@ from .columns import (
     PROMPT,
     PROMPT_IDS,
     QUANTILE,
+    REF_COMPLETIONS,
     REF_REWARDS,
     REJECTED,
     REWARD,
@@ -63,7 +69,7 @@ from .columns import (
     reward_column,
 )
 from .losses import constant_references_message, qrpo_targets, quantile_rewards
-from .transforms import Transform
+from .transforms import Transform, get_transform
 
 POINTWISE = "pointwise"
 PAIRED = "paired"
@@ -94,19 +100,10 @@ class Layout:
     def sides(self) -> tuple[str, ...]:
         return POINTWISE_SIDES if self.kind == POINTWISE else PAIRED_SIDES
 
-    def reward_column(self, side: str) -> str:
-        return reward_column(side)
-
-    def quantile_column(self, side: str) -> str:
-        return quantile_column(side)
-
-    def in_refs_column(self, side: str) -> str:
-        return in_refs_column(side)
-
 
 @dataclass(frozen=True)
 class QuantileOptions:
-    """How quantiles and training examples are made from a row (the QRPOConfig fields of the same names).
+    """The options of the quantile step, :func:`quantile_batch` (the QRPOConfig fields of the same names).
 
     Args:
         num_ref_rewards (`int`, *optional*): use the first n reference rewards of every row (all when None).
@@ -126,6 +123,54 @@ class QuantileOptions:
     def from_args(cls, args) -> QuantileOptions:
         """From a QRPOConfig (or anything with these attributes)."""
         return cls(args.num_ref_rewards, args.ties, args.sample_selector, args.self_inclusion, args.seed)
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """The options of the target step, :func:`target_batch` (the QRPOConfig fields of the same names).
+
+    Args:
+        transform (`Transform`): the resolved transform f; a per-prompt transform must be fitted
+            (:func:`fit_transform`) before :func:`target_batch` uses it.
+        beta (`float`): the KL coefficient.
+        partition_mode (`str`): ``"continuous"`` or ``"discrete"`` (see :func:`trl_qrpo.losses.qrpo_targets`).
+        normalize_beta_by_length (`bool`): divide beta by the completion tokens the loss scores (then the targets need
+            the tokenized lengths, ``max_length`` and ``truncation_mode``).
+        max_length (`int`, *optional*): the collator's truncation length (None: no truncation).
+        truncation_mode (`str`): ``"keep_start"`` or ``"keep_end"``, as the collator truncates.
+        num_ref_rewards (`int`, *optional*): the reference rewards a per-prompt transform reads per row (all when
+            None), as for the quantiles.
+    """
+
+    transform: Transform = field(default_factory=lambda: get_transform("identity"))
+    beta: float = 1e-3
+    partition_mode: str = "continuous"
+    normalize_beta_by_length: bool = False
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    num_ref_rewards: int | None = None
+
+    @classmethod
+    def from_args(cls, args, transform: Transform | None = None) -> TargetOptions:
+        """From a QRPOConfig (or anything with these attributes); ``transform`` defaults to the config's own,
+        resolved with :func:`trl_qrpo.transforms.get_transform` (pass it to reuse a resolved or fitted one)."""
+        if transform is None:
+            transform = get_transform(args.transform, **(getattr(args, "transform_kwargs", None) or {}))
+        return cls(
+            transform,
+            args.beta,
+            args.partition_mode,
+            args.normalize_beta_by_length,
+            args.max_length,
+            args.truncation_mode,
+            args.num_ref_rewards,
+        )
+
+    @property
+    def in_quantile_pass(self) -> bool:
+        """Whether the targets can be computed with the quantiles (:func:`quantile_batch`): they depend neither on
+        token counts (``normalize_beta_by_length``) nor on the data set's statistics (a per-prompt transform)."""
+        return not (self.normalize_beta_by_length or self.transform.per_prompt)
 
 
 def consumed_columns(layout: Layout) -> set[str]:
@@ -168,6 +213,13 @@ def shadowed_aliases(column_names: list[str]) -> dict[str, str]:
     }
 
 
+def is_reference_layout(column_names: list[str]) -> bool:
+    """Whether a dataset is the output of `generate` + `score` only: reference completions and their rewards, no
+    completion of its own (training then takes every reference as a pointwise row; see the trainer)."""
+    cols = set(column_names)
+    return {REF_COMPLETIONS, REF_REWARDS} <= cols and COMPLETION not in cols and not {CHOSEN, REJECTED} <= cols
+
+
 def detect_layout(column_names: list[str]) -> Layout:
     """Pointwise or paired, with or without reference rewards / precomputed quantiles (canonical names)."""
     cols = set(column_names)
@@ -176,9 +228,16 @@ def detect_layout(column_names: list[str]) -> Layout:
     elif COMPLETION in cols:
         kind = POINTWISE
     else:
+        fix = (
+            f"Score its '{REF_COMPLETIONS}' with `trl qrpo score` first: training then takes every reference "
+            "completion as a pointwise row."
+            if REF_COMPLETIONS in cols
+            else "Add completions with their rewards, or sample them with `trl qrpo generate` and score them with "
+            "`trl qrpo score` (training takes that output as it is; `trl qrpo build-offpolicy` makes pairs of it)."
+        )
         raise ValueError(
             f"QRPO needs either a '{COMPLETION}' column (pointwise data) or '{CHOSEN}' and '{REJECTED}' columns "
-            f"(paired data); the dataset has {sorted(cols)}."
+            f"(paired data); the dataset has {sorted(cols)}. {fix}"
         )
     layout = Layout(kind, REF_REWARDS in cols, False, False)
     needed = []
@@ -449,7 +508,7 @@ def quantile_batch(
     options: QuantileOptions,
     keep_ref_rewards: bool = False,
     warn: bool = True,
-    targets: dict | None = None,
+    targets: TargetOptions | None = None,
 ) -> pa.Table:
     """Validate a batch (an Arrow table), compute each completion's quantile and select the sides that stay.
 
@@ -458,10 +517,15 @@ def quantile_batch(
     pairs). ``keep_ref_rewards`` keeps ``ref_rewards`` for a per-prompt transform's ``for_prompts``; ``warn`` warns
     about rows whose references are all equal (map-style data sets are checked once by :func:`check_references`).
 
-    ``targets`` (``transform``, ``beta``, ``partition_mode``): when the targets depend neither on token counts nor on
-    the data set's statistics, compute them in this same pass (``target``, ``beta``, ``beta_log_z`` instead of
+    ``targets``: when the targets depend neither on token counts nor on the data set's statistics
+    (``targets.in_quantile_pass``), compute them in this same pass (``target``, ``beta``, ``beta_log_z`` instead of
     ``num_refs`` and ``in_refs``), saving the separate :func:`target_batch` pass.
     """
+    if targets is not None and not targets.in_quantile_pass:
+        raise ValueError(
+            "Targets with normalize_beta_by_length or a per-prompt transform need token counts or the data set's "
+            "statistics: compute them with target_batch / map_targets after tokenization."
+        )
     rows = np.asarray(indices, dtype=np.int64)
     n_rows = len(rows)
     sides = layout.sides
@@ -483,14 +547,13 @@ def quantile_batch(
         rewards = np.stack([finite_column(batch, reward_column(s), rows) for s in sides], axis=1)
         ref, _ = ref_matrix(batch, rows, num_ref_rewards)
         try:
-            quantiles, num_refs = quantile_rewards(
+            quantiles, num_refs, _ = quantile_rewards(
                 torch.from_numpy(rewards),
                 _as_tensor(ref),
                 ties=ties,
                 num_ref_rewards=num_ref_rewards,
                 in_ref_rewards=torch.from_numpy(in_refs) if self_inclusion == "leave_one_out" else None,
                 generator=generator,
-                return_num_refs=True,
                 warn_constant=warn,
                 row_ids=rows,
             )
@@ -520,8 +583,9 @@ def quantile_batch(
         else:
             pick = np.full(n_rows, 0 if sample_selector == "chosen" else 1)
         keep = pick[:, None]
-        take = lambda a: np.take_along_axis(a, keep, axis=1)
-        rewards, quantiles, num_refs, in_refs = take(rewards), take(quantiles), take(num_refs), take(in_refs)
+        rewards, quantiles, num_refs, in_refs = (
+            np.take_along_axis(a, keep, axis=1) for a in (rewards, quantiles, num_refs, in_refs)
+        )
     else:
         keep = np.broadcast_to(np.arange(len(sides)), (n_rows, len(sides)))
     k = keep.shape[1]
@@ -534,14 +598,14 @@ def quantile_batch(
     }
     if targets is not None:
         del new[NUM_REFS], new[IN_REFS]
-        beta_t = torch.full(quantiles.shape, float(targets["beta"]), dtype=torch.float64)
+        beta_t = torch.full(quantiles.shape, float(targets.beta), dtype=torch.float64)
         values = _targets(
             torch.from_numpy(quantiles.astype(np.float64)),
             torch.from_numpy(num_refs.astype(np.int64)),
             torch.from_numpy(in_refs & (self_inclusion == "keep")),
             beta_t,
-            targets["transform"],
-            targets["partition_mode"],
+            targets.transform,
+            targets.partition_mode,
         )
         new.update({name: _list_array(v, k, n_rows) for name, v in values.items()})
     drop = consumed_columns(layout) - ({REF_REWARDS} if keep_ref_rewards else set())
@@ -588,13 +652,6 @@ def scored_completion_tokens(
     return kept_c - ((kept_c > 0) & starts_in_completion)
 
 
-def effective_completion_length(
-    prompt_len: int, completion_len: int, max_length: int | None, truncation_mode: str = "keep_start"
-) -> int:
-    """Completion tokens left after the collator truncates prompt + completion to ``max_length`` (one sequence)."""
-    return int(kept_completion_tokens([prompt_len], [completion_len], max_length, truncation_mode)[0])
-
-
 def token_lengths(batch: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """Prompt lengths ``[N]`` and completion lengths ``[N, k]`` of a tokenized table, from Arrow offsets."""
     prompt_lens = list_lengths(_array(batch, PROMPT_IDS))
@@ -620,42 +677,34 @@ def fit_transform(transform: Transform, ref_table: pa.Table, num_ref_rewards: in
     return transform.fit(_as_tensor(matrix))
 
 
-def target_batch(
-    batch: pa.Table,
-    transform: Transform,
-    beta: float,
-    partition_mode: str,
-    normalize_beta_by_length: bool,
-    max_length: int | None,
-    truncation_mode: str,
-    num_ref_rewards: int | None = None,
-) -> pa.Table:
+def target_batch(batch: pa.Table, options: TargetOptions) -> pa.Table:
     """Regression targets for a prepared (Arrow) batch: ``target``, ``beta`` and ``beta_log_z`` per completion.
 
-    With ``normalize_beta_by_length``, beta is divided by the number of completion tokens the loss scores (see
-    :func:`scored_completion_tokens`). A per-prompt transform (already fitted) is specialised to the batch's rows
+    With ``options.normalize_beta_by_length``, beta is divided by the number of completion tokens the loss scores
+    (see :func:`scored_completion_tokens`). A per-prompt transform (already fitted) is specialised to the batch's rows
     with ``transform.for_prompts(ref_rewards)``.
     """
+    transform = options.transform
     q = torch.from_numpy(_per_completion(batch, QUANTILE, np.float64))
     n = torch.from_numpy(_per_completion(batch, NUM_REFS, np.int64))
     incl = torch.from_numpy(_per_completion(batch, IN_REFS, bool))
     n_rows, k = q.shape
-    if normalize_beta_by_length:
+    if options.normalize_beta_by_length:
         prompt_lens, completion_lens = token_lengths(batch)
-        scored = scored_completion_tokens(prompt_lens, completion_lens, max_length, truncation_mode)
-        beta_t = beta / torch.from_numpy(scored.astype(np.float64)).clamp(min=1)
+        scored = scored_completion_tokens(prompt_lens, completion_lens, options.max_length, options.truncation_mode)
+        beta_t = options.beta / torch.from_numpy(scored.astype(np.float64)).clamp(min=1)
     else:
-        beta_t = torch.full(q.shape, float(beta), dtype=torch.float64)
+        beta_t = torch.full(q.shape, float(options.beta), dtype=torch.float64)
     if transform.per_prompt:
         if REF_REWARDS not in batch.column_names:
             raise ValueError(
                 f"The {transform.name!r} transform depends on each prompt's reference rewards: give "
                 f"'{REF_REWARDS}', not precomputed quantiles."
             )
-        ref, _ = ref_matrix(batch, np.arange(n_rows), num_ref_rewards)
+        ref, _ = ref_matrix(batch, np.arange(n_rows), options.num_ref_rewards)
         transform = transform.for_prompts(_as_tensor(ref))
     out = batch.drop_columns([c for c in batch.column_names if c in (*INTERMEDIATE_COLUMNS, REF_REWARDS)])
-    for name, values in _targets(q, n, incl, beta_t, transform, partition_mode).items():
+    for name, values in _targets(q, n, incl, beta_t, transform, options.partition_mode).items():
         out = out.append_column(name, _list_array(values, k, n_rows))
     return out
 
@@ -687,7 +736,7 @@ def map_quantiles(
     *,
     keep_ref_rewards: bool = False,
     warn: bool = True,
-    targets: dict | None = None,
+    targets: TargetOptions | None = None,
     **map_kwargs,
 ):
     """:func:`quantile_batch` over a map-style or iterable dataset, Arrow batches in and out (Python format after)."""
@@ -701,26 +750,6 @@ def map_quantiles(
     return _map_arrow(dataset, quantile_batch, fn_kwargs, with_indices=True, **map_kwargs)
 
 
-def map_targets(
-    dataset,
-    transform: Transform,
-    *,
-    beta: float,
-    partition_mode: str,
-    normalize_beta_by_length: bool,
-    max_length: int | None,
-    truncation_mode: str,
-    num_ref_rewards: int | None = None,
-    **map_kwargs,
-):
+def map_targets(dataset, options: TargetOptions, **map_kwargs):
     """:func:`target_batch` over a prepared dataset (the transform already fitted), Arrow batches in and out."""
-    fn_kwargs = {
-        "transform": transform,
-        "beta": beta,
-        "partition_mode": partition_mode,
-        "normalize_beta_by_length": normalize_beta_by_length,
-        "max_length": max_length,
-        "truncation_mode": truncation_mode,
-        "num_ref_rewards": num_ref_rewards,
-    }
-    return _map_arrow(dataset, target_batch, fn_kwargs, **map_kwargs)
+    return _map_arrow(dataset, target_batch, {"options": options}, **map_kwargs)

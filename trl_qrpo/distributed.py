@@ -10,19 +10,7 @@ single-process run, or a run where the user set `ddp_backend` or `use_cpu`.
 from __future__ import annotations
 
 import os
-
-
-# accelerate's own checks, in the order its PartialState._prepare_backend tries them for a launched process.
-_ACCELERATOR_CHECKS = (
-    "is_torch_xla_available",
-    "is_mlu_available",
-    "is_sdaa_available",
-    "is_musa_available",
-    "is_npu_available",
-    "is_hpu_available",
-    "is_xpu_available",
-    "is_neuron_available",
-)
+from dataclasses import dataclass, field
 
 
 def _launched_processes() -> int:
@@ -36,20 +24,11 @@ def _launched_processes() -> int:
 
 
 def _has_accelerator() -> bool:
-    """Whether accelerate finds a device (and so a communication backend) for a launched process."""
+    """Whether torch sees an accelerator (CUDA, XPU, NPU, MPS, ...): then accelerate finds a device and a backend."""
     import torch
-    from accelerate import utils
 
-    if torch.cuda.is_available():
-        return True
-    for name in _ACCELERATOR_CHECKS:
-        check = getattr(utils, name, None)
-        try:
-            if check is not None and check():
-                return True
-        except Exception:  # a broken vendor extension means no usable device of that kind
-            continue
-    return False
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
 
 
 def set_up_cpu_only_launch(args) -> None:
@@ -109,36 +88,25 @@ def check_every_launched_process_joined(args) -> None:
     )
 
 
-# Launch settings that `set_up_cpu_only_launch` reads, with their unset values.
-_LAUNCH_FIELDS = {"ddp_backend": None, "use_cpu": False, "deepspeed": None, "fsdp": None}
-_FALSE = ("false", "0", "no", "n", "f", "off", "none", "null", "")
+@dataclass
+class LaunchSettings:
+    """The launch settings `set_up_cpu_only_launch` reads, with QRPOConfig's names and unset values."""
+
+    ddp_backend: str | None = field(default=None, metadata={"help": "TrainingArguments.ddp_backend."})
+    use_cpu: bool = field(default=False, metadata={"help": "TrainingArguments.use_cpu."})
+    deepspeed: str | None = field(default=None, metadata={"help": "TrainingArguments.deepspeed."})
+    fsdp: str | None = field(default=None, metadata={"help": "TrainingArguments.fsdp."})
 
 
-def _explicit_launch_settings(argv: list[str]) -> dict:
-    """The values of `_LAUNCH_FIELDS` given on the command line or in the `--config` YAML (the command line wins)."""
-    found = {}
-    if "--config" in argv and argv.index("--config") + 1 < len(argv):
-        import yaml
+def _given_launch_settings(argv: list[str]) -> LaunchSettings:
+    """The launch settings given on the command line or in the `--config` YAML (the command line wins), parsed by
+    TRL's own parser; every other flag is left alone."""
+    from trl import TrlParser
 
-        with open(argv[argv.index("--config") + 1]) as handle:
-            config = yaml.safe_load(handle) or {}
-        if isinstance(config, dict):
-            found.update({name: config[name] for name in _LAUNCH_FIELDS if name in config})
-    for i, token in enumerate(argv):
-        flag, has_value, value = token.partition("=")
-        name = flag[2:] if flag.startswith("--") else None
-        if name not in _LAUNCH_FIELDS:
-            continue
-        if not has_value:
-            following = argv[i + 1] if i + 1 < len(argv) else None
-            value = following if following is not None and not following.startswith("-") else "true"
-        found[name] = value
-    settings = {}
-    for name, value in found.items():
-        if name == "use_cpu":
-            settings[name] = str(value).strip().lower() not in _FALSE
-        else:
-            settings[name] = None if value is None or str(value).strip().lower() in _FALSE else value
+    settings, _ = TrlParser(LaunchSettings).parse_args_and_config(args=argv, return_remaining_strings=True)
+    for name in ("ddp_backend", "deepspeed", "fsdp"):  # YAML `fsdp: ""` / `false` mean unset, as for the trainer
+        if str(getattr(settings, name)).strip().lower() in ("", "false", "none", "null", "no"):
+            setattr(settings, name, None)
     return settings
 
 
@@ -150,12 +118,10 @@ def cpu_only_launch_defaults(argv: list[str] | None = None) -> dict:
     `--config` YAML, are read from `argv` and always win: a default is only proposed for a field left unset.
     """
     import sys
-    from types import SimpleNamespace
 
     if _launched_processes() < 2:  # the common case, decided from the environment alone
         return {}
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = SimpleNamespace(**{**_LAUNCH_FIELDS, **_explicit_launch_settings(argv)})
+    args = _given_launch_settings(list(sys.argv[1:] if argv is None else argv))
     before = dict(vars(args))
     set_up_cpu_only_launch(args)
     return {name: value for name, value in vars(args).items() if value != before[name]}

@@ -65,6 +65,40 @@ def _hub_error(name: str, error: Exception) -> DatasetLoadError:
     )
 
 
+def _first_bad_json_line(path: Path) -> str | None:
+    """For a JSON-lines file that does not load: which line is not a JSON object, and why (None when all parse)."""
+    import gzip
+
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        return f"Data file '{path}' cannot be read as UTF-8 text: {error}."
+    stripped = text.lstrip()
+    if stripped.startswith("[") or not stripped:  # a JSON array, or nothing: one document, not lines
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as error:
+            return f"Data file '{path}', line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})."
+        return None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            return (
+                f"Data file '{path}', line {number}: not valid JSON ({error.msg} at column {error.colno}): "
+                f"{line[:120]!r}. Fix or delete that line (a JSON-lines file holds one JSON object per line)."
+            )
+        if not isinstance(value, dict):
+            return (
+                f"Data file '{path}', line {number}: a JSON {type(value).__name__}, not an object (one row per line)."
+            )
+    return None
+
+
 def load_dataset_by_name(name: str, config: str | None = None, train_split: str = "train", streaming: bool = False):
     """Load a dataset by Hub id, `save_to_disk` folder or data file, as a `DatasetDict`.
 
@@ -97,7 +131,13 @@ def load_dataset_by_name(name: str, config: str | None = None, train_split: str 
                 f"Data file {name!r} does not exist (looked for '{path.resolve()}'). Check the path, or give a Hub "
                 "dataset id without a file suffix."
             )
-        loaded = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
+        try:
+            loaded = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=streaming)
+        except Exception as error:  # pyarrow's and datasets' parse errors name neither the file nor the line
+            bad = _first_bad_json_line(path) if builder == "json" else None
+            if bad is None:
+                raise
+            raise DatasetLoadError(bad) from error
         container = datasets.IterableDatasetDict if streaming else datasets.DatasetDict
         return container({train_split: loaded})
 

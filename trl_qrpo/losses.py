@@ -10,17 +10,29 @@ a model:
   partition function, a scalar beta or one beta per completion (length-normalised beta).
 - :func:`qrpo_loss`: the pointwise regression ``(target - beta * logratio)^2`` (or ``|.|``), per example.
 - :func:`rebel_loss`: the REBEL baseline over pairs, for comparisons.
+
+The derivations (the estimator's law, the partition functions, the target and the loss) are in docs/math.md.
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple
 
 import torch
 
 from .transforms import Transform, get_transform
 
-__all__ = ["quantile_rewards", "qrpo_targets", "qrpo_loss", "rebel_loss", "TIES", "PARTITION_MODES", "LOSS_TYPES"]
+__all__ = [
+    "LOSS_TYPES",
+    "PARTITION_MODES",
+    "TIES",
+    "QuantileResult",
+    "qrpo_loss",
+    "qrpo_targets",
+    "quantile_rewards",
+    "rebel_loss",
+]
 
 TIES = ("le", "midrank", "random")
 PARTITION_MODES = ("continuous", "discrete")
@@ -32,6 +44,23 @@ def _as_float64(x) -> torch.Tensor:
     return torch.as_tensor(x, dtype=torch.float64)
 
 
+class QuantileResult(NamedTuple):
+    """What :func:`quantile_rewards` returns.
+
+    Attributes:
+        quantiles (`torch.Tensor`): float64, shaped like ``rewards``: each reward's quantile among its row's
+            references (``count / n``, see :func:`quantile_rewards` for the count).
+        num_refs (`torch.Tensor`): int64, shaped like ``rewards``: the number of references each quantile was taken
+            over (the row's non-NaN references, less one where leave-one-out applied).
+        constant_rows (`torch.Tensor`): bool ``[N]``: the rows whose (at least two) references are all equal, e.g. for
+            a caller that warns once over many calls.
+    """
+
+    quantiles: torch.Tensor
+    num_refs: torch.Tensor
+    constant_rows: torch.Tensor
+
+
 def quantile_rewards(
     rewards: torch.Tensor,
     ref_rewards: torch.Tensor,
@@ -39,12 +68,10 @@ def quantile_rewards(
     num_ref_rewards: int | None = None,
     in_ref_rewards: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-    return_num_refs: bool = False,
     warn_constant: bool = True,
     row_ids=None,
-    return_constant_rows: bool = False,
-):
-    """Quantile of each reward among its row's reference rewards.
+) -> QuantileResult:
+    """Quantile of each reward among its row's reference rewards (docs/math.md, "The quantile estimator").
 
     Args:
         rewards (`torch.Tensor`): ``[N]``, or ``[N, k]`` for k completions sharing a row's references (e.g. chosen
@@ -58,16 +85,12 @@ def quantile_rewards(
             the row's (first ``num_ref_rewards``) references and its own reward is in the list. One equal entry is
             then left out (leave-one-out), so the quantile is taken among the other references.
         generator (`torch.Generator`, *optional*): randomness for ``ties="random"``.
-        return_num_refs (`bool`): also return the number of references each quantile was taken over.
         warn_constant (`bool`): warn with the count of rows whose reference rewards are all equal, naming some.
         row_ids (sequence of `int`, *optional*): the rows' numbers in their data set, to name them in warnings and
             errors (default: their positions in ``rewards``).
-        return_constant_rows (`bool`): also return a boolean ``[N]`` tensor marking the rows whose (at least two)
-            reference rewards are all equal (e.g. for a caller that warns once over many calls).
 
     Returns:
-        float64 quantiles shaped like ``rewards`` (then the int64 reference counts if ``return_num_refs``, then the
-        constant rows if ``return_constant_rows``).
+        A :class:`QuantileResult` ``(quantiles, num_refs, constant_rows)``.
     """
     if ties not in TIES:
         raise ValueError(f"ties must be one of {TIES}, got {ties!r}.")
@@ -108,8 +131,8 @@ def quantile_rewards(
         if missing.any():
             row = int(missing.any(dim=1).nonzero()[0])
             raise ValueError(
-                f"Row {int(row_ids[row])} is marked as one of its own references, but no reference reward equals its reward "
-                f"{float(rewards[row][missing[row]][0])}."
+                f"Row {int(row_ids[row])} is marked as one of its own references, but no reference reward equals its "
+                f"reward {float(rewards[row][missing[row]][0])}."
             )
         equal = equal - self_mask.long()
         n = n - self_mask.long()
@@ -129,8 +152,7 @@ def quantile_rewards(
         warnings.warn(constant_references_message(row_ids[constant_rows], ref.shape[0]), stacklevel=2)
     if squeeze:
         q, n = q[:, 0], n[:, 0]
-    out = (q,) + ((n,) if return_num_refs else ()) + ((constant_rows,) if return_constant_rows else ())
-    return out if len(out) > 1 else q
+    return QuantileResult(q, n, constant_rows)
 
 
 def constant_references_message(rows, total: int, limit: int = 5) -> str:
@@ -253,7 +275,8 @@ def qrpo_targets(
             clamp quantiles for transforms infinite at an endpoint (to ``[1/n, (n-1)/n]``) and by the discrete
             partition function. ``None`` for precomputed quantiles of unknown resolution (continuous mode only).
         partition_mode (`str`): ``"continuous"`` (the paper's, ``log Z`` of ``f(U)``), or ``"discrete"`` (the exact
-            partition function of ``f(clamp(q_hat))`` for n references; qrpo-math.md section 3).
+            partition function of ``f(clamp(q_hat))`` for n references; docs/math.md, "The discrete partition
+            function").
         includes_self (`bool` or `torch.Tensor`): for the discrete mode, whether the completion's own reward was
             counted among its references (support ``{1..n}`` instead of ``{0..n}``).
 

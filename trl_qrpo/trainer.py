@@ -10,13 +10,9 @@ formulas live in `transforms`, `losses` and `data`; this module only wires them 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import textwrap
-from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import broadcast_object_list, gather_object, is_peft_model, tqdm
@@ -24,18 +20,17 @@ from datasets import Dataset, IterableDataset, concatenate_datasets
 from datasets.fingerprint import Hasher
 from torch.utils.data import DataLoader
 from transformers import AutoProcessor, ProcessorMixin
-from transformers.data.data_collator import DataCollatorMixin
 from trl import DPOConfig, DPOTrainer
-from trl.data_utils import _tokenize, common_prefix_length, extract_prompt, is_conversational
+from trl.data_utils import extract_prompt, is_conversational
 from trl.models import prepare_deepspeed
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import get_config_model_id, global_then_local_main_first, pad, use_adapter
+from trl.trainer.utils import get_config_model_id, global_then_local_main_first, use_adapter
 
 from . import __version__ as trl_qrpo_version
+from .collator import DataCollatorForQRPO
 from .columns import (
     BETA,
     BETA_LOG_Z,
-    CHAT_TEMPLATE_KWARGS,
     COMPLETION_IDS,
     COMPLETIONS,
     PER_COMPLETION_FLOATS,
@@ -46,15 +41,16 @@ from .columns import (
     REF_REWARDS,
     REWARD,
     TARGET,
-    TOOLS,
 )
 from .config import QRPOConfig
 from .data import (
     PAIRED,
     QuantileOptions,
+    TargetOptions,
     alias_renames,
     check_references,
     detect_layout,
+    is_reference_layout,
     fit_transform,
     kept_completion_tokens,
     map_quantiles,
@@ -62,74 +58,15 @@ from .data import (
     shadowed_aliases,
     token_lengths,
 )
+from .logps import completion_labels, model_inputs, sum_completion_logps
 from .losses import qrpo_loss, rebel_loss
 from .metrics import spearman_correlation
+from .precompute.config import BuildOffPolicyConfig
+from .precompute.offpolicy import build_offpolicy_dataset
+from .tokenization import check_one_format, prompt_fits, tokenize_batch
 from .transforms import get_transform
 
 logger = get_logger(__name__)
-
-# Float fields the collator carries, one value per completion (kept under this name for callers).
-_PER_COMPLETION_FLOATS = PER_COMPLETION_FLOATS
-
-
-@dataclass
-class DataCollatorForQRPO(DataCollatorMixin):
-    """
-    Collator for QRPO rows: a prompt and k completions (k = 1 for pointwise data, 2 for both sides of a pair).
-
-    Each completion becomes one sequence ``prompt + completion``, right-padded. Sequences are ordered side-major, as
-    in TRL's DataCollatorForPreference: the first completion of every row, then the second, so that a paired batch
-    of B rows is ``[chosen_1..chosen_B, rejected_1..rejected_B]``. Returns ``input_ids``, ``attention_mask``,
-    ``completion_mask``, ``side`` (the completion's position in its row: 0 for pointwise rows and chosen, 1 for
-    rejected) and, when present in the rows, the float
-    fields ``target``, ``beta``, ``beta_log_z``, ``quantile``, ``reward`` and ``ref_logps``, one value per sequence.
-
-    Args:
-        pad_token_id (`int`): token used for padding.
-        max_length (`int`, *optional*): truncate each prompt + completion to this many tokens.
-        truncation_mode (`str`, defaults to `"keep_start"`): `"keep_start"` or `"keep_end"` (deprecated in TRL).
-        pad_to_multiple_of (`int`, *optional*): pad the sequence length to a multiple of this value.
-    """
-
-    pad_token_id: int
-    max_length: int | None = None
-    truncation_mode: str = "keep_start"
-    pad_to_multiple_of: int | None = None
-    return_tensors: str = "pt"
-
-    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        if self.truncation_mode not in ("keep_start", "keep_end"):
-            raise ValueError(
-                f"Unsupported truncation mode: {self.truncation_mode}, expected 'keep_start' or 'keep_end'"
-            )
-        k = len(examples[0][COMPLETION_IDS])
-        ids, completion_masks = [], []
-        for j in range(k):
-            for example in examples:
-                prompt, completion = example[PROMPT_IDS], example[COMPLETION_IDS][j]
-                seq = prompt + completion
-                mask = [0] * len(prompt) + [1] * len(completion)
-                if self.max_length is not None:
-                    sl = (
-                        slice(None, self.max_length)
-                        if self.truncation_mode == "keep_start"
-                        else slice(-self.max_length, None)
-                    )
-                    seq, mask = seq[sl], mask[sl]
-                ids.append(torch.tensor(seq, dtype=torch.long))
-                completion_masks.append(torch.tensor(mask, dtype=torch.long))
-        kwargs = {"padding_side": "right", "pad_to_multiple_of": self.pad_to_multiple_of}
-        output = {
-            "input_ids": pad(ids, padding_value=self.pad_token_id, **kwargs),
-            "attention_mask": pad([torch.ones_like(x) for x in ids], padding_value=0, **kwargs),
-            "completion_mask": pad(completion_masks, padding_value=0, **kwargs),
-        }
-        output["side"] = torch.arange(k).repeat_interleave(len(examples))
-        for key in _PER_COMPLETION_FLOATS:
-            if key in examples[0]:
-                values = [example[key][j] for j in range(k) for example in examples]
-                output[key] = torch.tensor([np.nan if v is None else v for v in values], dtype=torch.float32)
-        return output
 
 
 class QRPOTrainer(DPOTrainer):
@@ -143,8 +80,8 @@ class QRPOTrainer(DPOTrainer):
 
     The arguments are those of [`~trl.DPOTrainer`]; `args` is a [`QRPOConfig`]. The datasets are pointwise
     (`prompt`, `completion`, `reward`, `ref_rewards`) or paired (`prompt`, `chosen`, `rejected`, `chosen_reward`,
-    `rejected_reward`, `ref_rewards`), plain text or conversational; see the README for aliases and precomputed
-    quantiles. Targets are computed once, when the datasets are prepared.
+    `rejected_reward`, `ref_rewards`), plain text or conversational; docs/qrpo_trainer.md ("Expected dataset type")
+    lists the aliases and precomputed quantiles. Targets are computed once, when the datasets are prepared.
 
     Example:
 
@@ -206,6 +143,18 @@ class QRPOTrainer(DPOTrainer):
         self._transform = get_transform(args.transform, **(args.transform_kwargs or {}))
         self._fitted_transform = None  # a per-prompt transform, fitted to the training set (Transform.fit)
 
+        # Dataset preparation that needs no model runs now, before DPOTrainer loads any: bad data fails in seconds.
+        self._rows_prepared: set[int] = set()
+        if isinstance(train_dataset, Dataset):
+            train_dataset = self._prepare_rows(train_dataset, args, "train")
+        if isinstance(eval_dataset, Dataset):
+            eval_dataset = self._prepare_rows(eval_dataset, args, "eval")
+        elif isinstance(eval_dataset, dict):
+            eval_dataset = {
+                name: self._prepare_rows(ds, args, name) if isinstance(ds, Dataset) else ds
+                for name, ds in eval_dataset.items()
+            }
+
         # DPO builds its pairwise collator inside __init__ and precomputes reference log-probs with it before
         # returning, so the pointwise collator must be passed in from the start.
         if data_collator is None:
@@ -248,11 +197,11 @@ class QRPOTrainer(DPOTrainer):
     # Dataset preparation: quantiles, sides, tokenization, targets (once, vectorised per batch)
     # ------------------------------------------------------------------------------------------------------------
 
-    def _prepare_dataset(self, dataset, processing_class, args: QRPOConfig, dataset_name: str):
+    def _prepare_rows(self, dataset, args: QRPOConfig, dataset_name: str):
+        """The part of dataset preparation that needs neither the model nor the tokenizer: column aliases, the
+        layout, the formats, validation, quantiles and the sample selector (and the targets when they need no token
+        counts). `__init__` runs it before DPOTrainer loads any model, so bad data fails in seconds."""
         columns = dataset.column_names or list(next(iter(dataset)).keys())
-        if PROMPT_IDS in columns and COMPLETION_IDS in columns and TARGET in columns:
-            return dataset  # already prepared (evaluate() prepares eval sets again)
-
         map_kwargs = {}
         is_map_style = isinstance(dataset, Dataset)
         if is_map_style:
@@ -262,6 +211,8 @@ class QRPOTrainer(DPOTrainer):
             return {"desc": f"{text} {dataset_name} dataset"} if is_map_style else {}
 
         with global_then_local_main_first():
+            if is_map_style:
+                check_one_format(dataset)
             shadowed = shadowed_aliases(columns)
             if shadowed:
                 logger.warning(
@@ -274,6 +225,15 @@ class QRPOTrainer(DPOTrainer):
                 logger.info(f"Renaming columns of the {dataset_name} dataset: {renames}")
                 dataset = dataset.rename_columns(renames)
                 columns = [renames.get(c, c) for c in columns]
+            if is_reference_layout(columns):
+                # The output of `trl qrpo generate` + `score`: every reference completion is a pointwise row, ranked
+                # among the prompt's other references (leave-one-out), as `build-offpolicy --mode pointwise` makes.
+                logger.info(
+                    f"The {dataset_name} dataset holds reference completions and their rewards: training pointwise "
+                    "on every one of them, each ranked among the prompt's other references (leave-one-out)."
+                )
+                dataset = build_offpolicy_dataset(dataset, BuildOffPolicyConfig(mode="pointwise"))
+                columns = dataset.column_names
             layout = detect_layout(columns)
             if layout.kind == PAIRED and PROMPT not in columns:
                 dataset = dataset.map(extract_prompt, **map_kwargs, **desc("Extracting prompt from"))
@@ -283,8 +243,7 @@ class QRPOTrainer(DPOTrainer):
                     "reference rewards each quantile was computed from)."
                 )
             per_prompt = self._transform.per_prompt
-            late_targets = per_prompt or args.normalize_beta_by_length
-            target_kwargs = {"transform": self._transform, "beta": args.beta, "partition_mode": args.partition_mode}
+            targets = TargetOptions.from_args(args, self._transform)
             if per_prompt and not layout.has_ref_rewards:
                 raise ValueError(
                     f"The {self._transform.name!r} transform depends on each prompt's reference rewards: the "
@@ -298,7 +257,7 @@ class QRPOTrainer(DPOTrainer):
             if is_map_style and layout.has_ref_rewards:  # one warning per data set, naming rows
                 check_references(_arrow_columns(dataset, [REF_REWARDS]), args.num_ref_rewards, dataset_name)
 
-            # 1. Validate, quantiles, sample selector (Arrow in, Arrow out): one row = a prompt and its k completions.
+            # Validate, quantiles, sample selector (Arrow in, Arrow out): one row = a prompt and its k completions.
             dataset = map_quantiles(
                 dataset,
                 layout,
@@ -306,16 +265,36 @@ class QRPOTrainer(DPOTrainer):
                 keep_ref_rewards=per_prompt,
                 warn=not is_map_style,
                 # Targets that need neither token counts nor the data set's statistics come in this same pass.
-                targets=None if late_targets else target_kwargs,
+                targets=targets if targets.in_quantile_pass else None,
                 **map_kwargs,
                 **desc("Computing quantile rewards for"),
             )
+        self._rows_prepared.add(id(dataset))
+        return dataset
 
+    def _prepare_dataset(self, dataset, processing_class, args: QRPOConfig, dataset_name: str):
+        columns = dataset.column_names or list(next(iter(dataset)).keys())
+        if PROMPT_IDS in columns and COMPLETION_IDS in columns and TARGET in columns:
+            return dataset  # already prepared (evaluate() prepares eval sets again)
+        if id(dataset) not in self._rows_prepared:  # e.g. an evaluation set passed to evaluate() later
+            dataset = self._prepare_rows(dataset, args, dataset_name)
+
+        map_kwargs = {}
+        is_map_style = isinstance(dataset, Dataset)
+        if is_map_style:
+            map_kwargs["num_proc"] = args.dataset_num_proc
+
+        def desc(text):
+            return {"desc": f"{text} {dataset_name} dataset"} if is_map_style else {}
+
+        per_prompt = self._transform.per_prompt
+        targets = TargetOptions.from_args(args, self._transform)
+        with global_then_local_main_first():
             # 2. EOS for plain-text completions, then tokenization with TRL's prompt/completion boundary rule, batched.
             first = next(iter(dataset))
             conversational = is_conversational({"prompt": first[PROMPT], "completion": first[COMPLETIONS][0]})
             dataset = dataset.map(
-                _tokenize_batch,
+                tokenize_batch,
                 batched=True,
                 fn_kwargs={
                     "processing_class": processing_class,
@@ -330,7 +309,7 @@ class QRPOTrainer(DPOTrainer):
             if args.max_length is not None and args.truncation_mode == "keep_start":
                 before = len(dataset) if is_map_style else None
                 dataset = dataset.filter(
-                    _prompt_fits,
+                    prompt_fits,
                     batched=True,
                     input_columns=[PROMPT_IDS],
                     fn_kwargs={"max_length": args.max_length},
@@ -348,23 +327,14 @@ class QRPOTrainer(DPOTrainer):
 
             # 4. Targets f(q) - beta * log Z, once (unless already computed with the quantiles). A per-prompt
             # transform is fitted to the training set (the first data set prepared) and reused for evaluation sets.
-            if late_targets:
+            if not targets.in_quantile_pass:
                 if per_prompt and self._fitted_transform is None:
                     self._fitted_transform = fit_transform(
                         self._transform, _arrow_columns(dataset, [REF_REWARDS]), args.num_ref_rewards
                     )
-                dataset = map_targets(
-                    dataset,
-                    self._fitted_transform if per_prompt else self._transform,
-                    beta=args.beta,
-                    partition_mode=args.partition_mode,
-                    normalize_beta_by_length=args.normalize_beta_by_length,
-                    max_length=args.max_length,
-                    truncation_mode=args.truncation_mode,
-                    num_ref_rewards=args.num_ref_rewards,
-                    **map_kwargs,
-                    **desc("Computing QRPO targets for"),
-                )
+                if per_prompt:
+                    targets = TargetOptions.from_args(args, self._fitted_transform)
+                dataset = map_targets(dataset, targets, **map_kwargs, **desc("Computing QRPO targets for"))
         return dataset
 
     def _warn_truncated(self, dataset, args, dataset_name):
@@ -417,8 +387,8 @@ class QRPOTrainer(DPOTrainer):
             adapter_context,
             self.accelerator.autocast(),
         ):
-            outputs = model(**_model_inputs(inputs), labels=_labels(inputs), fused_lm_head=True)
-        return _sequence_logps(outputs.log_probs, inputs["completion_mask"])
+            outputs = model(**model_inputs(inputs), labels=completion_labels(inputs), fused_lm_head=True)
+        return sum_completion_logps(outputs.log_probs, inputs["completion_mask"])
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
         if isinstance(dataset, IterableDataset):
@@ -486,8 +456,8 @@ class QRPOTrainer(DPOTrainer):
         Returns ``(logps, ref_logps, outputs)``; the reference comes from the batch (precomputed), the reference
         model, or the policy with its PEFT adapters off, as in DPO.
         """
-        outputs = model(**_model_inputs(inputs), **model_kwargs, labels=_labels(inputs), fused_lm_head=True)
-        logps = _sequence_logps(outputs.log_probs, inputs["completion_mask"])
+        outputs = model(**model_inputs(inputs), **model_kwargs, labels=completion_labels(inputs), fused_lm_head=True)
+        logps = sum_completion_logps(outputs.log_probs, inputs["completion_mask"])
         if self.precompute_ref_logps:
             ref_logps = inputs[REF_LOGPS].to(logps.device, torch.float32)
         else:
@@ -528,7 +498,7 @@ class QRPOTrainer(DPOTrainer):
 
         if return_outputs:
             with torch.no_grad():
-                outputs = model(**_model_inputs(inputs))
+                outputs = model(**model_inputs(inputs))
             return loss, outputs
         return loss
 
@@ -594,109 +564,3 @@ def _activation_checkpointing_off(model, checkpointing_kwargs):
     finally:
         if was_enabled:
             model.activation_checkpointing_enable(checkpointing_kwargs)
-
-
-def _model_inputs(inputs) -> dict:
-    """Only what the model takes: some models accept unknown keywords (quantile=, target=) silently."""
-    return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "use_cache": False}
-
-
-def _labels(inputs) -> torch.Tensor:
-    return inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-
-
-def _sequence_logps(per_token_logps: torch.Tensor, completion_mask: torch.Tensor) -> torch.Tensor:
-    """Sum per-token log-probs over completion tokens in fp32 (a bf16 sum over thousands of tokens loses nats)."""
-    shift_mask = completion_mask[:, 1:]
-    per_token = per_token_logps[:, -shift_mask.size(1) :].float()  # prompt-learning PEFT prepends virtual tokens
-    return (per_token * shift_mask).sum(dim=1)
-
-
-def _template_kwargs(example) -> dict:
-    tools = example.get(TOOLS)
-    tools = json.loads(tools) if isinstance(tools, str) else tools
-    return {"tools": tools, **(example.get(CHAT_TEMPLATE_KWARGS) or {})}
-
-
-def _completion_start(prompt_ids: list[int], full: list[list[int]]) -> int:
-    """TRL's boundary rule: the completion starts where the prompt and every prompt+completion first diverge."""
-    n = len(prompt_ids)
-    if all(ids[:n] == prompt_ids for ids in full):  # the usual case, compared at C speed
-        return n
-    return min(common_prefix_length(prompt_ids, ids) for ids in full)
-
-
-def _warn_boundary(processing_class, prompt_ids, prompt_len):
-    logger.warning_once(
-        "The tokenized prompt is not a prefix of the tokenized prompt+completion (the chat template renders the "
-        "prompt alone differently, or tokens merge across the boundary). The completion starts where they "
-        f"diverge; this end of the prompt is left out: {processing_class.decode(prompt_ids[prompt_len:])!r}."
-    )
-
-
-def _tokenize_row(example, processing_class, eos_token):
-    """Tokenize a prompt and its completions; the completion starts where prompt and prompt+completion diverge.
-
-    The per-row reference path (TRL's `_tokenize`, as DPOTrainer): used for processors and for rows with their own
-    tools or chat-template arguments; :func:`_tokenize_batch` gives the same ids for whole batches.
-    """
-    prompt, completions = example[PROMPT], example[COMPLETIONS]
-    template_kwargs = _template_kwargs(example)
-    if is_conversational({"prompt": prompt}):
-        prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **template_kwargs)["input_ids"]
-        full = [_tokenize(processing_class, prompt + c, **template_kwargs)["input_ids"] for c in completions]
-    else:
-        if eos_token is not None:
-            completions = [c if c.endswith(eos_token) else c + eos_token for c in completions]
-        prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
-        full = [_tokenize(processing_class, prompt + c)["input_ids"] for c in completions]
-    prompt_len = _completion_start(prompt_ids, full)
-    if prompt_len < len(prompt_ids):
-        _warn_boundary(processing_class, prompt_ids, prompt_len)
-    return {PROMPT_IDS: prompt_ids[:prompt_len], COMPLETION_IDS: [ids[prompt_len:] for ids in full]}
-
-
-def _tokenize_batch(batch, processing_class, eos_token):
-    """:func:`_tokenize_row` for a batch: one tokenizer call for the prompts and one for the prompt+completions.
-
-    The same calls as the per-row path, on lists (`apply_chat_template` on a list of conversations renders and
-    tokenizes each exactly as alone; a tokenizer on a list of strings encodes each as alone), so the ids are identical.
-    Processors, and rows carrying their own tools or chat-template arguments, take the per-row path.
-    """
-    prompts, completions = batch[PROMPT], batch[COMPLETIONS]
-    per_row_kwargs = any(v is not None for key in (TOOLS, CHAT_TEMPLATE_KWARGS) for v in batch.get(key, ()))
-    if isinstance(processing_class, ProcessorMixin) or per_row_kwargs or not prompts:
-        rows = [
-            _tokenize_row({key: batch[key][i] for key in batch}, processing_class, eos_token)
-            for i in range(len(prompts))
-        ]
-        return {PROMPT_IDS: [r[PROMPT_IDS] for r in rows], COMPLETION_IDS: [r[COMPLETION_IDS] for r in rows]}
-    counts = [len(cs) for cs in completions]
-    if is_conversational({"prompt": prompts[0]}):
-        prompt_ids = processing_class.apply_chat_template(
-            prompts, tokenize=True, return_dict=True, add_generation_prompt=True, tools=None
-        )["input_ids"]
-        joined = [p + c for p, cs in zip(prompts, completions, strict=True) for c in cs]
-        flat = processing_class.apply_chat_template(joined, tokenize=True, return_dict=True, tools=None)["input_ids"]
-    else:
-        if eos_token is not None:
-            completions = [[c if c.endswith(eos_token) else c + eos_token for c in cs] for cs in completions]
-        prompt_ids = processing_class(text=prompts)["input_ids"]
-        flat = processing_class(text=[p + c for p, cs in zip(prompts, completions, strict=True) for c in cs])[
-            "input_ids"
-        ]
-    out_prompts, out_completions, at = [], [], 0
-    for ids, count in zip(prompt_ids, counts, strict=True):
-        full = flat[at : at + count]
-        at += count
-        prompt_len = _completion_start(ids, full)
-        if prompt_len < len(ids):
-            _warn_boundary(processing_class, ids, prompt_len)
-        out_prompts.append(ids[:prompt_len])
-        out_completions.append([f[prompt_len:] for f in full])
-    return {PROMPT_IDS: out_prompts, COMPLETION_IDS: out_completions}
-
-
-def _prompt_fits(prompt_ids, max_length):
-    """Filter: rows whose prompt leaves room for at least one completion token under `keep_start` truncation."""
-    return [len(ids) < max_length for ids in prompt_ids]

@@ -3,8 +3,9 @@
 A quantile reward q is Uniform(0, 1) under the reference policy, so for any transform f the partition function of
 the KL-regularised optimum is known: ``Z_f(beta) = E_U[exp(f(U) / beta)]``. This module holds a registry of named
 transforms, each with ``log Z`` in closed, numerically stable form (computed in float64 on the host, never forming
-``exp(1 / beta)``), a quadrature for user-supplied callables, and the exact partition function of the discrete
-n-reference estimate (qrpo-math.md, section 3).
+``exp(1 / beta)``), a quadrature for user-supplied callables (:func:`scipy.integrate.tanhsinh` in log space, with a
+check of the mass float64 cannot sample), and the exact partition function of the discrete n-reference estimate.
+The derivations are in docs/math.md ("Transforms and their log Z", "The discrete partition function").
 
 This module imports no trainer and no TRL.
 """
@@ -17,19 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import special
+from scipy import integrate, special
 
 __all__ = [
     "Transform",
     "get_transform",
-    "register_transform",
     "list_transforms",
     "quadrature_log_partition",
+    "register_transform",
 ]
-
-
-def _logsumexp(x: np.ndarray, axis=None) -> np.ndarray:
-    return special.logsumexp(x, axis=axis)
 
 
 class Transform:
@@ -361,30 +358,15 @@ class CallableTransform(Transform):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _tanh_sinh_nodes(h: float, kmax: float = 7.0):
-    """Tanh-sinh (double-exponential) nodes on (0, 1), with log-weights and the exact distances to both ends.
-
-    The nodes cluster doubly exponentially at the endpoints, where transforms such as log t and Phi^{-1}(t) are
-    singular. ``t = 1 / (1 + exp(-pi sinh(x)))`` so that ``t`` and ``1 - t`` are both computed without cancellation.
-    """
-    x = np.arange(-kmax, kmax + h / 2, h)
-    u = np.pi * np.sinh(x)
-    t = special.expit(u)  # 1 / (1 + exp(-u))
-    one_minus_t = special.expit(-u)
-    # dt/dx = pi cosh(x) * t * (1 - t), in log space
-    log_w = np.log(h) + np.log(np.pi) + np.log(np.cosh(x)) + special.log_expit(u) + special.log_expit(-u)
-    return t, one_minus_t, log_w
-
-
 def _end_error(values: np.ndarray, distance: np.ndarray, beta: float, log_z: float) -> tuple[float, bool]:
     """Estimated mass of ``exp(f(t) / beta)`` between the node closest to one end of [0, 1] and that end.
 
     ``values`` and ``distance`` (to that end, as evaluated in float64) run from the inside to the end. In the variable
     ``s = -log(distance)`` the integrand's mass density is ``m(s) = exp(f(t) / beta) * distance``; beyond the last node
     it is extrapolated from the last two nodes at distinct distances as ``m_L * exp(-r (s - s_L))``, so the missing
-    mass is ``m_L / r``. Returns the resulting error of log Z, and whether the density still grows (``r <= 0``: the mass
-    beyond float64's reach is unbounded by this estimate; the error returned is then only the lower bound ``m_L``, valid
-    when f does not decrease towards the end).
+    mass is ``m_L / r``. Returns the resulting error of log Z, and whether the density still grows (``r <= 0``: the
+    mass beyond float64's reach is unbounded by this estimate; the error returned is then only the lower bound
+    ``m_L``, valid when f does not decrease towards the end). See docs/math.md, "Transforms given as plain functions".
     """
     with np.errstate(divide="ignore"):
         log_m = values / beta + np.log(distance)
@@ -412,58 +394,69 @@ def _transform_name(fn) -> str:
 def quadrature_log_partition(
     fn: Callable[[torch.Tensor], torch.Tensor],
     beta: float,
-    tol: float = 1e-9,
+    tol: float = 1e-12,
     max_error: float = 1e-7,
     name: str | None = None,
 ) -> float:
-    """``log int_0^1 exp(f(t) / beta) dt`` by tanh-sinh quadrature with log-sum-exp over the nodes.
+    """``log int_0^1 exp(f(t) / beta) dt`` by tanh-sinh quadrature in log space (:func:`scipy.integrate.tanhsinh`).
 
-    Nodes that round to exactly 0 or 1 in float64 are skipped (f may be infinite there). The step is halved until
-    two successive refinements agree to ``tol`` (twice in a row). The error is then estimated from two sources:
+    SciPy integrates the log-integrand ``f(t) / beta`` with ``log=True`` (a log-sum-exp over the nodes, so
+    ``exp(1 / beta)`` is never formed) until its error estimate falls below ``tol`` relative to Z, refining at most 10
+    times. Nodes that round to exactly 0 or 1 in float64 are not evaluated (f may be infinite there). The error of
+    log Z is then taken as the largest of:
 
-    - refinement: the change between the last two step sizes;
+    - refinement: SciPy's error estimate, relative to Z;
     - the ends: float64 cannot represent a quantile within about 1.1e-16 of 1 (nor 5e-324 of 0), so the mass of
-      ``exp(f(t) / beta)`` beyond the outermost nodes is never sampled. It is extrapolated from the decay of the
-      integrand's mass towards each end (see ``_end_error``); when the mass still grows at the last representable
-      quantile (Phi^{-1} for beta below about 0.12, where the integrand peaks at 1 - Phi(1/beta) < 1e-16), it is
-      unbounded.
+      ``exp(f(t) / beta)`` beyond the outermost nodes is never sampled, and SciPy's estimate cannot see it. It is
+      extrapolated from the decay of the integrand's mass towards each end (see ``_end_error``); when the mass still
+      grows at the last representable quantile (Phi^{-1} for beta below about 0.12, where the integrand peaks at
+      1 - Phi(1/beta) < 1e-16), it is unbounded.
 
     Raises ``ValueError`` (naming the transform, beta, the estimated error and the fix) when the estimated error of
     log Z exceeds ``max_error`` (default 1e-7: the closed forms are matched to 1e-6 with the estimate's margin), and
     never returns a value it cannot vouch for. Well-behaved transforms (bounded on [0, 1], or singular with little
-    mass at the end, like log t) reach 1e-12 or better for beta in [1e-3, 10].
+    mass at the end, like log t) reach 1e-12 or better for beta in [1e-3, 10]. See docs/math.md, "Transforms given
+    as plain functions".
     """
     beta = float(beta)
     if not beta > 0:
         raise ValueError(f"beta must be positive, got {beta}.")
     name = name or _transform_name(fn)
-    estimates: list[float] = []
-    for level in range(2, 10):
-        h = 2.0**-level
-        t, one_minus_t, log_w = _tanh_sinh_nodes(h)
-        inside = (t > 0) & (one_minus_t > 0) & (t < 1)
-        nodes = t[inside]
-        values = fn(torch.as_tensor(nodes, dtype=torch.float64))
-        values = torch.as_tensor(values, dtype=torch.float64).detach().cpu().numpy()
-        if values.shape != nodes.shape:
+    nodes, values = [], []
+
+    def log_integrand(t: np.ndarray) -> np.ndarray:
+        flat = t.reshape(-1)
+        inside = (flat > 0) & (flat < 1)
+        x = flat[inside]
+        f = torch.as_tensor(fn(torch.as_tensor(x, dtype=torch.float64)), dtype=torch.float64)
+        f = f.detach().cpu().numpy()
+        if f.shape != x.shape:
             raise ValueError(
-                f"A transform must map a tensor of quantiles to a tensor of the same shape, got {values.shape}."
+                f"A transform must map a tensor of quantiles to a tensor of the same shape, got {f.shape}."
             )
-        if np.isnan(values).any() or np.isposinf(values).any():
-            bad = nodes[np.isnan(values) | np.isposinf(values)][0]
-            raise ValueError(f"The transform {name!r} is NaN or +inf at t={bad!r}; it must be finite on (0, 1).")
-        estimates.append(float(_logsumexp(log_w[inside] + values / beta)))
-        if len(estimates) >= 3:
-            changes = [abs(estimates[-1] - estimates[-2]), abs(estimates[-2] - estimates[-3])]
-            if max(changes) <= tol * max(1.0, abs(estimates[-1])):
-                break
-    estimate = estimates[-1]
+        bad = np.isnan(f) | np.isposinf(f)
+        if bad.any():
+            raise ValueError(f"The transform {name!r} is NaN or +inf at t={x[bad][0]!r}; it must be finite on (0, 1).")
+        nodes.append(x)
+        values.append(f)
+        out = np.full(flat.shape, -np.inf)
+        out[inside] = f / beta
+        return out.reshape(t.shape)
+
+    with np.errstate(divide="ignore", invalid="ignore"):  # log(0) weights of the nodes that round to 0 or 1
+        result = integrate.tanhsinh(log_integrand, 0.0, 1.0, log=True, rtol=math.log(tol))
+    estimate = float(np.real(result.integral))
     if not math.isfinite(estimate):
         raise ValueError(
             f"The quadrature of log Z for transform {name!r} at beta={beta} gave {estimate}: exp(f(q)/beta) must be "
             "integrable and not zero on (0, 1)."
         )
-    refinement_error = abs(estimates[-1] - estimates[-2])
+    refinement_error = math.exp(min(float(np.real(result.error)) - estimate, 700.0))
+    if math.isnan(refinement_error):
+        refinement_error = math.inf
+    nodes, values = np.concatenate(nodes), np.concatenate(values)
+    order = np.argsort(nodes)
+    nodes, values = nodes[order], values[order]
     upper = nodes >= 0.5
     high_error, high_grows = _end_error(values[upper], 1.0 - nodes[upper], beta, estimate)
     low_error, low_grows = _end_error(values[~upper][::-1], nodes[~upper][::-1], beta, estimate)

@@ -19,40 +19,28 @@ Each function takes the config dataclass of its command (:mod:`.config`: [`Gener
 [`BuildOffPolicyConfig`], [`EvaluateConfig`]), the same object `trl qrpo <command>` parses. Long steps write finished
 chunks to `output_dir` as they go: run the same call again after a crash to resume.
 
-Modules, one job each: `config` (the options), `io` (writing datasets, small checks), `chunks` (resumable, sharded
-runs; merging shards), `sampling` (prompts tokenised as in training, per-completion seeds, the transformers sampler),
-`vllm_engine` (the vLLM sampler and reward scorer), `generate`, `scoring`, `offpolicy`, `evaluate`. Column names come
-from :mod:`trl_qrpo.columns`, datasets are read by :mod:`trl_qrpo.loading`.
+Modules. The stages, each a command and a function, none importing another: `generate`, `scoring`, `offpolicy`,
+`evaluate`. What they share, importing no stage: `config` (the options), `io` (writing datasets and JSON, small
+checks), `chunks` (resumable, sharded runs; merging shards), `samples` (the sample record, seeds, stop tokens,
+decoding), `model_loading` (models and tokenizers), `scorers` (reward model and reward functions), and the backends:
+`backends` (which sampler and scorer a config asks for), `transformers_sampler`, `vllm_engine` (what the vLLM backends
+share), `vllm_sampler`, `vllm_scorer`. Prompts are tokenised by :mod:`trl_qrpo.tokenization` and log-probabilities
+computed by :mod:`trl_qrpo.logps`, as in training; column names come from :mod:`trl_qrpo.columns`, datasets are read
+by :mod:`trl_qrpo.loading`.
 """
 
 from ..loading import load_split
+from ..logps import sequence_logps
+from .backends import make_scorer
 from .chunks import ShardPlan, merge_shards, read_manifest
-from .config import (
-    BuildOffPolicyConfig,
-    DataArguments,
-    EvaluateConfig,
-    GenerateConfig,
-    MergeConfig,
-    ModelArguments,
-    RewardArguments,
-    SamplingArguments,
-    ScoreConfig,
-    ShardArguments,
-    VLLMArguments,
-)
-from .evaluate import evaluate_policy, sequence_logps, summarize_evaluation
+from .config import BuildOffPolicyConfig, DataArguments, EvaluateConfig, GenerateConfig, MergeConfig, ScoreConfig
+from .evaluate import evaluate_policy, summarize_evaluation
 from .generate import generate_references
 from .io import save_any_dataset
 from .offpolicy import OFFPOLICY_MODES, build_offpolicy_dataset
-from .sampling import sample_seed
-from .scoring import (
-    CombinedScorer,
-    RewardFunctionScorer,
-    RewardModelScorer,
-    load_reward_function,
-    make_scorer,
-    score_dataset,
-)
+from .samples import sample_seed
+from .scorers import CombinedScorer, RewardFunctionScorer, RewardModelScorer, load_reward_function
+from .scoring import score_dataset
 
 __all__ = [
     "OFFPOLICY_MODES",
@@ -62,15 +50,10 @@ __all__ = [
     "EvaluateConfig",
     "GenerateConfig",
     "MergeConfig",
-    "ModelArguments",
-    "RewardArguments",
     "RewardFunctionScorer",
     "RewardModelScorer",
-    "SamplingArguments",
     "ScoreConfig",
-    "ShardArguments",
     "ShardPlan",
-    "VLLMArguments",
     "build_offpolicy_dataset",
     "evaluate_policy",
     "generate_references",

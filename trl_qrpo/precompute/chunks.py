@@ -217,6 +217,12 @@ def prepare_output_dir(output_dir: str | os.PathLike, task: ChunkedTask, plan: S
         old, new = old_params.get(key), manifest["params"].get(key)
         if old != new:
             (soft_changes if key in task.soft_params else diffs).append(f"{key}: {old!r} -> {new!r}")
+    if diffs and not existing.get("complete") and not _finished_chunks(output_dir):
+        # An earlier run that failed before finishing any chunk (e.g. a reward that raised): nothing to resume or
+        # to mix with, so the new settings simply start over.
+        logger.info(f"'{output_dir}' holds no finished chunk of its earlier run: starting over ({'; '.join(diffs)}).")
+        write_json(output_dir / MANIFEST_NAME, manifest)
+        return manifest
     if diffs:
         raise ValueError(
             f"output_dir '{output_dir}' holds a run with other settings ({'; '.join(diffs)}). Resuming would mix two "
@@ -227,6 +233,12 @@ def prepare_output_dir(output_dir: str | os.PathLike, task: ChunkedTask, plan: S
         existing["params"] = manifest["params"]
         write_json(output_dir / MANIFEST_NAME, existing)
     return existing
+
+
+def _finished_chunks(output_dir: Path) -> list[Path]:
+    """The finished chunk folders of a run (half-written ones, under temporary names, excluded)."""
+    chunks_dir = output_dir / CHUNKS_DIR
+    return [p for p in chunks_dir.iterdir() if ".tmp-" not in p.name] if chunks_dir.is_dir() else []
 
 
 def clean_stale_chunks(output_dir: str | os.PathLike) -> None:
@@ -394,8 +406,7 @@ def merge_shards(paths: Sequence[str | os.PathLike], output_dir: str | os.PathLi
                 "--num_shards/--shard_index. Concatenate plain datasets with `datasets.concatenate_datasets`."
             )
         if not manifest.get("complete"):
-            chunks_dir = Path(path) / CHUNKS_DIR
-            done = sum(".tmp-" not in p.name for p in chunks_dir.iterdir()) if chunks_dir.is_dir() else 0
+            done = len(_finished_chunks(Path(path)))
             total = manifest["chunks"][1] - manifest["chunks"][0]
             raise ValueError(
                 f"Shard {manifest['shard_index']} in '{path}' is not complete ({done} of {total} chunks). Run its "

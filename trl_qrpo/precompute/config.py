@@ -1,25 +1,21 @@
-"""Options of the pre-computation phase as documented dataclasses, shared by the command line and the Python API.
-
-Small groups of options, each a dataclass whose every field has help text and a documented default:
-
-- [`DataArguments`]: where the input dataset comes from and where the result is exported (command line only).
-- [`ShardArguments`]: the resumable run: `output_dir`, shards and chunks.
-- [`ModelArguments`]: the (reference or policy) model and how it is loaded. The fields TRL's `ModelConfig` also has
-  (`model_name_or_path`, `model_revision`, `dtype`, `attn_implementation`) keep its names and help texts.
-- [`SamplingArguments`]: how completions are sampled (pi_ref's own distribution by default), and the backend.
-- [`VLLMArguments`]: vLLM engine options, for the `vllm` backend.
-- [`RewardArguments`]: the reward: a reward model and/or reward functions, combined with weights.
+"""Options of the pre-computation commands, as TRL builds its configs: one flat, documented dataclass per command.
 
 Each command's config ([`GenerateConfig`], [`ScoreConfig`], [`BuildOffPolicyConfig`], [`MergeConfig`],
-[`EvaluateConfig`]) is made of the groups it needs, the way TRL's trainer configs are, and is what both
-`trl qrpo <command>` parses (flags and `--config recipe.yaml`) and the matching function takes::
+[`EvaluateConfig`]) lists every option its function uses, the way TRL's `GRPOConfig` lists its generation and vLLM
+options, and is what both `trl qrpo <command>` parses and the function takes::
 
     from trl_qrpo.precompute import GenerateConfig, generate_references
 
     refs = generate_references(dataset, GenerateConfig(model_name_or_path="Qwen/Qwen2.5-0.5B-Instruct", num_generations=8))
 
-The functions read the groups they need from the config they are given (a `GenerateConfig` is a `SamplingArguments`,
-a `ShardArguments`, ...), so an option is written once, here.
+On the command line the config is parsed together with [`DataArguments`] (where the input comes from and where the
+result is exported), as TRL's scripts parse their `ScriptArguments` beside the trainer's config: `TrlParser((
+DataArguments, GenerateConfig))`.
+
+An option that several commands share (the model, sampling, vLLM, reward and resumable-run options) has its default
+and help text written once, in :data:`OPTIONS`; each config declares the options it takes with :func:`option` and
+checks them in its `__post_init__` with the shared checks below. The fields TRL's `ModelConfig` also has
+(`model_name_or_path`, `model_revision`, `dtype`, `attn_implementation`) keep its names and help texts.
 """
 
 from __future__ import annotations
@@ -30,20 +26,102 @@ from typing import Any, Literal
 
 from ..columns import COMPLETION_COLUMNS, REF_COMPLETIONS
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 _Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
-def _trl_model_field(name: str, **overrides) -> Any:
-    """A field of TRL's `ModelConfig`, with its help text (and, unless overridden, its default)."""
+def _trl_model_help(name: str) -> str:
     from trl import ModelConfig
 
-    source = ModelConfig.__dataclass_fields__[name]
-    metadata = dict(source.metadata)
-    if "help" in overrides:
-        metadata["help"] = overrides.pop("help")
-    default = overrides.pop("default", source.default)
-    return field(default=default, metadata=metadata)
+    return ModelConfig.__dataclass_fields__[name].metadata["help"]
+
+
+# name -> (default, help). Mutable defaults are given as a zero-argument callable (a default factory).
+OPTIONS: dict[str, tuple[Any, str]] = {
+    # ---- the resumable run
+    "output_dir": (
+        None,
+        "Output folder (`datasets.load_from_disk` reads it). Finished chunks are written there as they go: rerun "
+        "the same command to resume after a crash. Required on the command line; in Python, None keeps everything "
+        "in memory (no resume).",
+    ),
+    "num_shards": (1, "Split the dataset into this many shards, one job each; merge them with `merge`."),
+    "shard_index": (0, "The shard this job computes, in [0, num_shards)."),
+    "chunk_size": (64, "Rows per chunk: the unit written to disk and skipped on restart (shards are whole chunks)."),
+    # ---- the (reference or policy) model
+    "model_name_or_path": (
+        None,
+        "Model id or folder (the reference model for `generate`, the policy for `evaluate`). Required.",
+    ),
+    "model_revision": (None, "revision"),  # help: TRL's ModelConfig
+    "tokenizer_name_or_path": (None, "Tokenizer id or folder (None: the model's)."),
+    "dtype": ("auto", "Model dtype ('auto': the checkpoint's; float32, bfloat16, float16)."),
+    "device": (
+        "auto",
+        "Device ('auto': the device accelerate gives this process: its GPU when there is one, else CPU).",
+    ),
+    "trust_remote_code": (False, "Allow custom model code."),
+    "attn_implementation": (None, "attn_implementation"),  # help: TRL's ModelConfig
+    "model_init_kwargs": (
+        None,
+        'Extra `from_pretrained` arguments (a JSON dict), e.g. \'{"device_map": "auto"}\'.',
+    ),
+    # ---- sampling
+    "temperature": (1.0, "Sampling temperature (1.0 samples the model's own distribution, as exact quantiles need)."),
+    "top_p": (1.0, "Nucleus sampling threshold (1.0 disables it)."),
+    "top_k": (0, "Top-k sampling (0 disables it)."),
+    "min_p": (0.0, "Min-p sampling (0.0 disables it)."),
+    "max_new_tokens": (512, "Token limit per completion; completions that reach it are kept and flagged."),
+    "batch_size": (16, "Sequences per `generate` call (transformers backend)."),
+    "backend": (
+        "auto",
+        "Generation backend: 'vllm', 'transformers', or 'auto' (vLLM when installed and a GPU is visible).",
+    ),
+    # ---- the vLLM engine (dtype, revision and trust_remote_code come from the model's options)
+    "vllm_tensor_parallel_size": (1, "vLLM tensor-parallel GPUs per model copy."),
+    "vllm_gpu_memory_utilization": (0.9, "Share of GPU memory vLLM may use."),
+    "vllm_max_model_length": (None, "vLLM context length, prompt + completion (None: the model's)."),
+    "vllm_enforce_eager": (False, "Disable CUDA graphs in vLLM (less memory, slower)."),
+    "vllm_kwargs": (
+        None,
+        "Any other `vllm.LLM(...)` arguments (a JSON dict), e.g. '{\"enable_prefix_caching\": true}'.",
+    ),
+    # ---- the reward
+    "reward_model_name_or_path": (
+        None,
+        "Sequence-classification reward model id or folder (None: reward functions only).",
+    ),
+    "reward_tokenizer_name_or_path": (None, "The reward model's tokenizer (None: the reward model's)."),
+    "reward_funcs": (
+        None,
+        "Reward functions with TRL's signature f(prompts, completions, **kwargs) -> list[float]: import paths "
+        "('my_pkg.rewards.fn'; the current directory is importable) or TRL names (accuracy_reward, "
+        "think_format_reward, ...). In Python, callables too.",
+    ),
+    "reward_weights": (
+        None,
+        "One weight per reward: the reward model first, then the functions in order (None: 1 each).",
+    ),
+    "reward_max_length": (None, "Reward-model tokens kept per text; truncations are reported (None: no limit)."),
+    "reward_batch_size": (8, "Texts per reward-model forward pass."),
+    "reward_dtype": ("auto", "Reward-model dtype ('auto': the checkpoint's)."),
+    "reward_label_index": (0, "Logit used as the reward."),
+    "reward_model_init_kwargs": (None, "Extra `from_pretrained` arguments of the reward model (a JSON dict)."),
+}
+_TRL_MODEL_HELP = ("model_revision", "attn_implementation")
+
+
+def option(name: str, **overrides) -> Any:
+    """The dataclass field of a shared option: its default and help text from :data:`OPTIONS` (or `overrides`)."""
+    default, help_text = OPTIONS[name]
+    if name in _TRL_MODEL_HELP:
+        help_text = _trl_model_help(name)
+    default = overrides.pop("default", default)
+    help_text = overrides.pop("help", help_text)
+    if overrides:
+        raise TypeError(f"option({name!r}) takes only default= and help=, got {sorted(overrides)}")
+    if callable(default):
+        return field(default_factory=default, metadata={"help": help_text})
+    return field(default=default, metadata={"help": help_text})
 
 
 def json_dict(value, name: str) -> dict | None:
@@ -59,9 +137,79 @@ def json_dict(value, name: str) -> dict | None:
     return parsed
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks shared by the configs (each reads only the fields its group names)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _at_least(config, minimum: int, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value < minimum:
+            raise ValueError(f"{name} must be at least {minimum}, got {value}.")
+
+
+def _check_model(config) -> None:
+    config.model_init_kwargs = json_dict(config.model_init_kwargs, "model_init_kwargs")
+
+
+def _check_sampling(config) -> None:
+    if not config.temperature > 0:
+        raise ValueError(
+            f"temperature must be > 0 (completions are sampled, not decoded greedily), got {config.temperature}."
+        )
+    if not 0 < config.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {config.top_p}.")
+    if config.top_k < 0 or not 0 <= config.min_p < 1:
+        raise ValueError(
+            f"top_k must be >= 0 (0 disables it) and min_p in [0, 1), got top_k={config.top_k}, min_p={config.min_p}."
+        )
+    _at_least(config, 1, "max_new_tokens", "batch_size")
+    if config.backend not in ("auto", "transformers", "vllm"):
+        raise ValueError(f"backend must be 'auto', 'transformers' or 'vllm', got {config.backend!r}.")
+
+
+def _check_vllm(config) -> None:
+    config.vllm_kwargs = json_dict(config.vllm_kwargs, "vllm_kwargs")
+
+
+def _check_reward(config) -> None:
+    config.reward_model_init_kwargs = json_dict(config.reward_model_init_kwargs, "reward_model_init_kwargs")
+    if isinstance(config.reward_funcs, str) or callable(config.reward_funcs):
+        config.reward_funcs = [config.reward_funcs]
+
+
+def is_pure_sampling(config) -> bool:
+    """Whether a config samples the model's own distribution (temperature 1, no top-p/top-k/min-p truncation)."""
+    return (config.temperature, config.top_p, config.top_k, config.min_p) == (1.0, 1.0, 0, 0.0)
+
+
+def has_reward(config) -> bool:
+    """Whether a config names a reward: a reward model and/or reward functions."""
+    return config.reward_model_name_or_path is not None or bool(config.reward_funcs)
+
+
+def llm_kwargs(config) -> dict[str, Any]:
+    """Keyword arguments for `vllm.LLM(...)` from a config's `vllm_*` options (`vllm_kwargs` last, so it wins)."""
+    kwargs = {
+        "tensor_parallel_size": config.vllm_tensor_parallel_size,
+        "gpu_memory_utilization": config.vllm_gpu_memory_utilization,
+        "enforce_eager": config.vllm_enforce_eager,
+    }
+    if config.vllm_max_model_length is not None:
+        kwargs["max_model_len"] = config.vllm_max_model_length
+    kwargs.update(config.vllm_kwargs or {})
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The command line's input and export (parsed beside each command's config)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
 @dataclass
 class DataArguments:
-    """Where the input dataset comes from and where the result goes (the command line's input and export)."""
+    """Where a command's input dataset comes from and where its result is exported (the command line only)."""
 
     dataset_name: str | None = field(
         default=None,
@@ -78,221 +226,58 @@ class DataArguments:
         default=None, metadata={"help": "Use only the first N rows, for quick trials (None: all rows)."}
     )
     output_file: str | None = field(
-        default=None,
-        metadata={"help": "Also export the result to this .json/.jsonl/.parquet/.csv file."},
+        default=None, metadata={"help": "Also export the result to this .json/.jsonl/.parquet/.csv file."}
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Push the result to the Hub as `hub_dataset_id`."})
     hub_dataset_id: str | None = field(default=None, metadata={"help": "Hub dataset id for --push_to_hub."})
 
     def __post_init__(self):
-        if getattr(super(), "__post_init__", None):
-            super().__post_init__()
         # Checked before any work is done, not after hours of generation.
         if self.push_to_hub and not self.hub_dataset_id:
             raise ValueError("--push_to_hub needs --hub_dataset_id (the Hub dataset to create or update).")
 
 
-@dataclass
-class ShardArguments:
-    """The resumable run: where finished chunks go, and how the work is split across jobs."""
-
-    output_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Output folder (`datasets.load_from_disk` reads it). Finished chunks are written there as they "
-            "go: rerun the same command to resume after a crash. Required on the command line; in Python, None "
-            "keeps everything in memory (no resume)."
-        },
-    )
-    num_shards: int = field(
-        default=1,
-        metadata={"help": "Split the dataset into this many shards, one job each; merge them with `merge`."},
-    )
-    shard_index: int = field(default=0, metadata={"help": "The shard this job computes, in [0, num_shards)."})
-    chunk_size: int = field(
-        default=64,
-        metadata={
-            "help": "Rows per chunk: the unit written to disk and skipped on restart (shards are whole chunks)."
-        },
-    )
+# ---------------------------------------------------------------------------------------------------------------------
+# One config per command
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class ModelArguments:
-    """The (reference or policy) model and how it is loaded."""
-
-    model_name_or_path: str | None = _trl_model_field(
-        "model_name_or_path",
-        help="Model id or folder (the reference model for `generate`, the policy for `evaluate`). Required.",
-    )
-    model_revision: str | None = _trl_model_field("model_revision", default=None)
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer id or folder (None: the model's)."}
-    )
-    dtype: _Dtype = _trl_model_field(
-        "dtype", default="auto", help="Model dtype ('auto': the checkpoint's; float32, bfloat16, float16)."
-    )
-    device: str = field(default="auto", metadata={"help": "Device ('auto': CUDA when available, else CPU)."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code."})
-    attn_implementation: str | None = _trl_model_field("attn_implementation")
-    model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": 'Extra `from_pretrained` arguments (a JSON dict), e.g. \'{"device_map": "auto"}\'.'},
-    )
-
-    def __post_init__(self):
-        if getattr(super(), "__post_init__", None):
-            super().__post_init__()
-        self.model_init_kwargs = json_dict(self.model_init_kwargs, "model_init_kwargs")
-
-
-@dataclass
-class SamplingArguments:
-    """How completions are sampled. The defaults sample the model's own distribution, as exact quantiles require."""
-
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (1.0 samples pi_ref itself)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold (1.0 disables it)."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 disables it)."})
-    min_p: float = field(default=0.0, metadata={"help": "Min-p sampling (0.0 disables it)."})
-    max_new_tokens: int = field(
-        default=512,
-        metadata={"help": "Token limit per completion; completions that reach it are kept and flagged."},
-    )
-    batch_size: int = field(default=16, metadata={"help": "Sequences per `generate` call (transformers)."})
-    backend: Literal["auto", "transformers", "vllm"] = field(
-        default="auto",
-        metadata={
-            "help": "Generation backend: 'vllm', 'transformers', or 'auto' (vLLM when installed and a GPU is visible)."
-        },
-    )
-
-    def __post_init__(self):
-        if getattr(super(), "__post_init__", None):
-            super().__post_init__()
-        if not self.temperature > 0:
-            raise ValueError(
-                f"temperature must be > 0 (references are sampled, not decoded greedily), got {self.temperature}."
-            )
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
-        if self.top_k < 0 or not 0 <= self.min_p < 1:
-            raise ValueError(
-                f"top_k must be >= 0 (0 disables it) and min_p in [0, 1), got top_k={self.top_k}, min_p={self.min_p}."
-            )
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}.")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}.")
-        if self.backend not in ("auto", "transformers", "vllm"):
-            raise ValueError(f"backend must be 'auto', 'transformers' or 'vllm', got {self.backend!r}.")
-
-    @property
-    def is_pure_sampling(self) -> bool:
-        """Whether completions are drawn from the model's own distribution (temperature 1, no truncation)."""
-        return (self.temperature, self.top_p, self.top_k, self.min_p) == (1.0, 1.0, 0, 0.0)
-
-
-@dataclass
-class VLLMArguments:
-    """vLLM engine options (the `vllm` backend); `dtype`, `revision` and `trust_remote_code` come from the model's."""
-
-    vllm_tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor-parallel GPUs per model copy."})
-    vllm_gpu_memory_utilization: float = field(default=0.9, metadata={"help": "Share of GPU memory vLLM may use."})
-    vllm_max_model_length: int | None = field(
-        default=None, metadata={"help": "vLLM context length, prompt + completion (None: the model's)."}
-    )
-    vllm_enforce_eager: bool = field(
-        default=False, metadata={"help": "Disable CUDA graphs in vLLM (less memory, slower)."}
-    )
-    vllm_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={
-            "help": "Any other `vllm.LLM(...)` arguments (a JSON dict), e.g. '{\"enable_prefix_caching\": true}'."
-        },
-    )
-
-    def __post_init__(self):
-        if getattr(super(), "__post_init__", None):
-            super().__post_init__()
-        self.vllm_kwargs = json_dict(self.vllm_kwargs, "vllm_kwargs")
-
-    def llm_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `vllm.LLM(...)` from these options (`vllm_kwargs` last, so it wins)."""
-        kwargs = {
-            "tensor_parallel_size": self.vllm_tensor_parallel_size,
-            "gpu_memory_utilization": self.vllm_gpu_memory_utilization,
-            "enforce_eager": self.vllm_enforce_eager,
-        }
-        if self.vllm_max_model_length is not None:
-            kwargs["max_model_len"] = self.vllm_max_model_length
-        kwargs.update(self.vllm_kwargs or {})
-        return kwargs
-
-
-@dataclass
-class RewardArguments:
-    """The reward: a sequence-classification reward model and/or reward functions, combined with weights."""
-
-    reward_model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Sequence-classification reward model id or folder (None: reward functions only)."},
-    )
-    reward_tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "The reward model's tokenizer (None: the reward model's)."}
-    )
-    reward_funcs: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Reward functions with TRL's signature f(prompts, completions, **kwargs) -> list[float]: "
-            "import paths ('my_pkg.rewards.fn'; the current directory is importable) or TRL names "
-            "(accuracy_reward, think_format_reward, ...). In Python, callables too."
-        },
-    )
-    reward_weights: list[float] | None = field(
-        default=None,
-        metadata={
-            "help": "One weight per reward: the reward model first, then the functions in order (None: 1 each)."
-        },
-    )
-    reward_max_length: int | None = field(
-        default=None,
-        metadata={"help": "Reward-model tokens kept per text; truncations are reported (None: no limit)."},
-    )
-    reward_batch_size: int = field(default=8, metadata={"help": "Texts per reward-model forward pass."})
-    reward_dtype: _Dtype = field(default="auto", metadata={"help": "Reward-model dtype ('auto': the checkpoint's)."})
-    reward_label_index: int = field(default=0, metadata={"help": "Logit used as the reward."})
-    reward_model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None, metadata={"help": "Extra `from_pretrained` arguments of the reward model (a JSON dict)."}
-    )
-
-    def __post_init__(self):
-        if getattr(super(), "__post_init__", None):
-            super().__post_init__()
-        self.reward_model_init_kwargs = json_dict(self.reward_model_init_kwargs, "reward_model_init_kwargs")
-        if isinstance(self.reward_funcs, str) or callable(self.reward_funcs):
-            self.reward_funcs = [self.reward_funcs]
-
-    @property
-    def has_reward(self) -> bool:
-        return self.reward_model_name_or_path is not None or bool(self.reward_funcs)
-
-
-@dataclass
-class GenerateConfig(VLLMArguments, SamplingArguments, ModelArguments, ShardArguments, DataArguments):
+class GenerateConfig:
     """`generate`: `num_generations` reference completions per prompt from the reference model pi_ref.
 
-    Parameters: those of [`DataArguments`], [`ShardArguments`], [`ModelArguments`], [`SamplingArguments`] and
-    [`VLLMArguments`], and:
-
-        num_generations (`int`, *optional*, defaults to `8`):
-            Reference completions per prompt (the paper generates 50 and trains with 1 to 3).
-        seed (`int`, *optional*, defaults to `42`):
-            Base seed; each completion's seed is derived from it, its row index and its sample index.
-        data_parallel_size (`int`, *optional*, defaults to `1`):
-            Worker processes on this node, each with its own model copy on `vllm_tensor_parallel_size` GPUs, sharing
-            this shard's chunks. Needs `output_dir` and a model path.
+    The defaults sample the model's own distribution (temperature 1, no truncation), as exact quantiles require.
+    Every field's help text says what it does (`trl qrpo generate --help`).
     """
 
+    # the resumable run
+    output_dir: str | None = option("output_dir")
+    num_shards: int = option("num_shards")
+    shard_index: int = option("shard_index")
+    chunk_size: int = option("chunk_size")
+    # the reference model
+    model_name_or_path: str | None = option("model_name_or_path")
+    model_revision: str | None = option("model_revision")
+    tokenizer_name_or_path: str | None = option("tokenizer_name_or_path")
+    dtype: _Dtype = option("dtype")
+    device: str = option("device")
+    trust_remote_code: bool = option("trust_remote_code")
+    attn_implementation: str | None = option("attn_implementation")
+    model_init_kwargs: dict[str, Any] | str | None = option("model_init_kwargs")
+    # sampling
+    temperature: float = option("temperature")
+    top_p: float = option("top_p")
+    top_k: int = option("top_k")
+    min_p: float = option("min_p")
+    max_new_tokens: int = option("max_new_tokens")
+    batch_size: int = option("batch_size")
+    backend: Literal["auto", "transformers", "vllm"] = option("backend")
+    vllm_tensor_parallel_size: int = option("vllm_tensor_parallel_size")
+    vllm_gpu_memory_utilization: float = option("vllm_gpu_memory_utilization")
+    vllm_max_model_length: int | None = option("vllm_max_model_length")
+    vllm_enforce_eager: bool = option("vllm_enforce_eager")
+    vllm_kwargs: dict[str, Any] | str | None = option("vllm_kwargs")
+    # generate's own
     num_generations: int = field(
         default=8, metadata={"help": "Reference completions per prompt (the paper: 50; training uses 1-3)."}
     )
@@ -300,39 +285,55 @@ class GenerateConfig(VLLMArguments, SamplingArguments, ModelArguments, ShardArgu
     data_parallel_size: int = field(
         default=1,
         metadata={
-            "help": "Worker processes on this node, each with its own model copy on "
-            "vllm_tensor_parallel_size GPUs, sharing the chunks."
+            "help": "Worker processes on this node, each with its own model copy on vllm_tensor_parallel_size GPUs, "
+            "sharing the chunks. Needs output_dir and a model path."
         },
     )
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.num_generations < 1:
-            raise ValueError(f"num_generations must be at least 1, got {self.num_generations}.")
-        if self.data_parallel_size < 1:
-            raise ValueError(f"data_parallel_size must be at least 1, got {self.data_parallel_size}.")
+        _check_model(self)
+        _check_sampling(self)
+        _check_vllm(self)
+        _at_least(self, 1, "num_generations", "data_parallel_size")
 
 
 @dataclass
-class ScoreConfig(VLLMArguments, RewardArguments, ShardArguments, DataArguments):
+class ScoreConfig:
     """`score`: rewards of the dataset's completions and of every reference completion.
 
-    Parameters: those of [`DataArguments`], [`ShardArguments`] and [`RewardArguments`], and:
-
-        columns (`list[str]`, *optional*):
-            Completion columns to score (None: every one of `completion`, `chosen`, `rejected`, `ref_completions`
-            present).
-        tokenizer_name_or_path (`str`, *optional*):
-            The policy's tokenizer, to pass `completion_ids` to reward functions.
-        device (`str`, *optional*, defaults to `"auto"`):
-            Reward-model device.
-        trust_remote_code (`bool`, *optional*, defaults to `False`):
-            Allow custom reward-model code.
-        backend (`str`, *optional*, defaults to `"transformers"`):
-            Reward-model backend: `"transformers"` or `"vllm"` (vLLM's pooling runner, with the options of
-            [`VLLMArguments`]). Reward functions run in this process either way.
+    A reward model and/or reward functions, combined with weights; reward functions run in this process whatever
+    the reward model's backend. Every field's help text says what it does (`trl qrpo score --help`).
     """
 
+    # the resumable run
+    output_dir: str | None = option("output_dir")
+    num_shards: int = option("num_shards")
+    shard_index: int = option("shard_index")
+    chunk_size: int = option("chunk_size")
+    # the reward
+    reward_model_name_or_path: str | None = option("reward_model_name_or_path")
+    reward_tokenizer_name_or_path: str | None = option("reward_tokenizer_name_or_path")
+    reward_funcs: list[str] | None = option("reward_funcs")
+    reward_weights: list[float] | None = option("reward_weights")
+    reward_max_length: int | None = option("reward_max_length")
+    reward_batch_size: int = option("reward_batch_size")
+    reward_dtype: _Dtype = option("reward_dtype")
+    reward_label_index: int = option("reward_label_index")
+    reward_model_init_kwargs: dict[str, Any] | str | None = option("reward_model_init_kwargs")
+    device: str = option("device", help="Reward-model device ('auto': CUDA when available, else CPU).")
+    trust_remote_code: bool = option("trust_remote_code", help="Allow custom reward-model code.")
+    backend: Literal["transformers", "vllm"] = option(
+        "backend",
+        default="transformers",
+        help="Reward-model backend: 'transformers', or 'vllm' (vLLM's pooling runner; the vllm_* options apply). "
+        "Reward functions run in this process either way.",
+    )
+    vllm_tensor_parallel_size: int = option("vllm_tensor_parallel_size")
+    vllm_gpu_memory_utilization: float = option("vllm_gpu_memory_utilization")
+    vllm_max_model_length: int | None = option("vllm_max_model_length")
+    vllm_enforce_eager: bool = option("vllm_enforce_eager")
+    vllm_kwargs: dict[str, Any] | str | None = option("vllm_kwargs")
+    # score's own
     columns: list[str] | None = field(
         default=None,
         metadata={
@@ -340,40 +341,20 @@ class ScoreConfig(VLLMArguments, RewardArguments, ShardArguments, DataArguments)
             f"{REF_COMPLETIONS} present)."
         },
     )
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Policy tokenizer, to pass `completion_ids` to reward functions."}
-    )
-    device: str = field(
-        default="auto", metadata={"help": "Reward-model device ('auto': CUDA when available, else CPU)."}
-    )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom reward-model code."})
-    backend: Literal["transformers", "vllm"] = field(
-        default="transformers",
-        metadata={
-            "help": "Reward-model backend: 'transformers', or 'vllm' (vLLM's pooling runner; the vllm_* options "
-            "apply). Reward functions run in this process either way."
-        },
+    tokenizer_name_or_path: str | None = option(
+        "tokenizer_name_or_path", help="Policy tokenizer, to pass `completion_ids` to reward functions."
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        _check_reward(self)
+        _check_vllm(self)
         if self.backend not in ("transformers", "vllm"):
             raise ValueError(f"backend must be 'transformers' or 'vllm', got {self.backend!r}.")
 
 
 @dataclass
-class BuildOffPolicyConfig(DataArguments):
-    """`build-offpolicy`: training rows made from the reference completions (leave-one-out marked).
-
-    Parameters: those of [`DataArguments`], and:
-
-        output_dir (`str`, *optional*): Folder for the training rows (`save_to_disk`). Required on the command line.
-        mode (`str`, *optional*, defaults to `"pointwise"`): `"pointwise"`, `"best_worst"` or `"random_pairs"`.
-        num_candidates (`int`, *optional*): Use the first N references as training completions.
-        seed (`int`, *optional*, defaults to `42`): Seed of `random_pairs` (per row).
-        drop_ties (`bool`, *optional*, defaults to `False`): Drop pairs with equal rewards (count logged).
-        num_proc (`int`, *optional*): Processes for `datasets.map`.
-    """
+class BuildOffPolicyConfig:
+    """`build-offpolicy`: training rows made from the reference completions (leave-one-out marked)."""
 
     output_dir: str | None = field(default=None, metadata={"help": "Folder for the training rows. Required."})
     mode: Literal["pointwise", "best_worst", "random_pairs"] = field(
@@ -417,33 +398,64 @@ class MergeConfig:
 
 
 @dataclass
-class EvaluateConfig(RewardArguments, VLLMArguments, SamplingArguments, ModelArguments, ShardArguments, DataArguments):
+class EvaluateConfig:
     """`evaluate`: reward, KL to the reference model and length of a policy's own samples.
 
-    Parameters: those of [`DataArguments`], [`ShardArguments`], [`ModelArguments`] (the policy; the reference model
-    is loaded the same way), [`SamplingArguments`], [`VLLMArguments`] and [`RewardArguments`], and:
-
-        ref_model_name_or_path (`str`, *optional*):
-            The reference model pi_ref (same tokenizer as the policy), for the KL estimate (None: no KL).
-        num_samples (`int`, *optional*, defaults to `1`):
-            Samples per prompt (the paper: 1 per prompt, 3 seeds).
-        seed (`int`, *optional*, defaults to `0`):
-            Base seed (per row and sample, as in `generate`).
-        logprob_batch_size (`int`, *optional*, defaults to `8`):
-            Sequences per log-probability forward pass.
+    The reference model is loaded with the policy's loading options. Every field's help text says what it does
+    (`trl qrpo evaluate --help`).
     """
 
+    # the resumable run
+    output_dir: str | None = option("output_dir")
+    num_shards: int = option("num_shards")
+    shard_index: int = option("shard_index")
+    chunk_size: int = option("chunk_size")
+    # the policy (and how the reference model is loaded)
+    model_name_or_path: str | None = option("model_name_or_path")
+    model_revision: str | None = option("model_revision")
+    tokenizer_name_or_path: str | None = option("tokenizer_name_or_path")
+    dtype: _Dtype = option("dtype")
+    device: str = option("device")
+    trust_remote_code: bool = option("trust_remote_code")
+    attn_implementation: str | None = option("attn_implementation")
+    model_init_kwargs: dict[str, Any] | str | None = option("model_init_kwargs")
     ref_model_name_or_path: str | None = field(
         default=None,
         metadata={
             "help": "The reference model pi_ref (same tokenizer as the policy), for the KL estimate (None: no KL)."
         },
     )
+    # sampling
+    temperature: float = option("temperature")
+    top_p: float = option("top_p")
+    top_k: int = option("top_k")
+    min_p: float = option("min_p")
+    max_new_tokens: int = option("max_new_tokens")
+    batch_size: int = option("batch_size")
+    backend: Literal["auto", "transformers", "vllm"] = option("backend")
+    vllm_tensor_parallel_size: int = option("vllm_tensor_parallel_size")
+    vllm_gpu_memory_utilization: float = option("vllm_gpu_memory_utilization")
+    vllm_max_model_length: int | None = option("vllm_max_model_length")
+    vllm_enforce_eager: bool = option("vllm_enforce_eager")
+    vllm_kwargs: dict[str, Any] | str | None = option("vllm_kwargs")
+    # the reward
+    reward_model_name_or_path: str | None = option("reward_model_name_or_path")
+    reward_tokenizer_name_or_path: str | None = option("reward_tokenizer_name_or_path")
+    reward_funcs: list[str] | None = option("reward_funcs")
+    reward_weights: list[float] | None = option("reward_weights")
+    reward_max_length: int | None = option("reward_max_length")
+    reward_batch_size: int = option("reward_batch_size")
+    reward_dtype: _Dtype = option("reward_dtype")
+    reward_label_index: int = option("reward_label_index")
+    reward_model_init_kwargs: dict[str, Any] | str | None = option("reward_model_init_kwargs")
+    # evaluate's own
     num_samples: int = field(default=1, metadata={"help": "Samples per prompt."})
     seed: int = field(default=0, metadata={"help": "Base seed (per row and sample)."})
     logprob_batch_size: int = field(default=8, metadata={"help": "Sequences per log-probability forward pass."})
 
     def __post_init__(self):
-        super().__post_init__()
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {self.num_samples}.")
+        _check_model(self)
+        _check_sampling(self)
+        _check_reward(self)
+        _check_vllm(self)
+        _at_least(self, 1, "num_samples")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,78 +24,24 @@ from ..columns import (
     NUM_TOKENS,
     POLICY_LOGP,
     PROMPT,
-    PROMPT_IDS,
     REF_LOGP,
     REWARD,
     ROW_INDEX,
     SAMPLE_INDEX,
     TRUNCATED,
 )
+from ..logps import sequence_logps
+from ..metrics import spearman_correlation
+from ..tokenization import tokenize_prompt
+from .backends import make_sampler, make_scorer
 from .chunks import ChunkedTask, ShardPlan, run_chunked
-from .config import EvaluateConfig
-from .generate import resolve_tokenizer
-from .io import ensure_prompt_column, is_conversational_value, logger, model_name, path_str, write_json
-from .sampling import TransformersSampler, as_completion, load_causal_lm, make_sampler, sample_seed, tokenize_prompt
-from .scoring import make_scorer, reward_function_kwarg_columns, reward_names
+from .config import EvaluateConfig, is_pure_sampling
+from .io import ensure_prompt_column, is_conversational_value, logger, model_name, path_str, rows_range, write_json
+from .model_loading import load_causal_lm, resolve_tokenizer
+from .samples import as_completion, sample_seed
+from .scorers import RewardFunctionError, reward_function_kwarg_columns, reward_names
 
 SUMMARY_NAME = "summary.json"
-
-
-def sequence_logps(
-    model,
-    prompt_ids: Sequence[Sequence[int]],
-    completion_ids: Sequence[Sequence[int]],
-    *,
-    pad_token_id: int,
-    batch_size: int = 8,
-) -> list[float]:
-    """log p(completion | prompt) per sequence, through the training code: the QRPO collator and fp32 sums.
-
-    Sequences are batched by length (longest first) with [`DataCollatorForQRPO`], the model runs with TRL's fused
-    LM head (per-token log-probabilities without the full logits, as in training), and the completion tokens'
-    log-probabilities are summed in float32 by the trainer's own function.
-
-    Args:
-        model ([`~transformers.PreTrainedModel`]): A causal LM.
-        prompt_ids (`Sequence[Sequence[int]]`): Prompt token ids per sequence.
-        completion_ids (`Sequence[Sequence[int]]`): Completion token ids per sequence (at least one each).
-        pad_token_id (`int`): Padding id (masked out).
-        batch_size (`int`, *optional*, defaults to `8`): Sequences per forward pass.
-
-    Returns:
-        `list[float]`: one log-probability per sequence.
-    """
-    import torch
-
-    from ..trainer import DataCollatorForQRPO, _labels, _model_inputs, _sequence_logps
-
-    _ensure_fused_lm_head(model)
-    collator = DataCollatorForQRPO(pad_token_id=pad_token_id)
-    order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(completion_ids[i])))
-    out = [math.nan] * len(prompt_ids)
-    device = model.device
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            inputs = collator(
-                [{PROMPT_IDS: list(prompt_ids[i]), COMPLETION_IDS: [list(completion_ids[i])]} for i in batch]
-            )
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            outputs = model(**_model_inputs(inputs), labels=_labels(inputs), fused_lm_head=True)
-            sums = _sequence_logps(outputs.log_probs, inputs["completion_mask"])
-            for i, value in zip(batch, sums.tolist(), strict=True):
-                out[i] = value
-    return out
-
-
-def _ensure_fused_lm_head(model) -> None:
-    """Give `model` TRL's fused LM head (`model(..., fused_lm_head=True)`), as DPOTrainer does for training."""
-    if getattr(model, "_trl_qrpo_fused_lm_head", False):
-        return
-    from trl.trainer.utils import add_fused_lm_head
-
-    add_fused_lm_head(model)
-    model._trl_qrpo_fused_lm_head = True
 
 
 def summarize_evaluation(samples, **meta) -> dict:
@@ -134,10 +79,8 @@ def summarize_evaluation(samples, **meta) -> dict:
     if LOGRATIO in samples.column_names:
         logratio = np.asarray(samples[LOGRATIO], dtype=np.float64)
         summary["kl"], summary["kl_stderr"] = float(logratio.mean()), stderr(logratio)
-    if n > 2 and np.ptp(rewards) > 0 and np.ptp(lengths) > 0:
-        from scipy.stats import spearmanr
-
-        summary["reward_length_spearman"] = float(spearmanr(rewards, lengths).statistic)
+    if n > 2:
+        summary["reward_length_spearman"] = spearman_correlation(rewards, lengths)
     summary.update(meta)
     return summary
 
@@ -187,7 +130,7 @@ def evaluate_policy(
         raise ValueError("evaluate_policy needs a policy: set `model_name_or_path` or pass `model`.")
     if reward_model is None and not reward_funcs:
         raise ValueError("Give a reward: --reward_model_name_or_path and/or --reward_funcs.")
-    if not args.is_pure_sampling:
+    if not is_pure_sampling(args):
         logger.warning("Sampling is not pure (temperature/top_p/top_k/min_p): the mean log-ratio is not the KL of pi.")
     dataset = ensure_prompt_column(dataset)
     conversational = is_conversational_value(dataset[0][PROMPT])
@@ -210,7 +153,9 @@ def evaluate_policy(
     def setup():
         state["sampler"] = make_sampler(args, model, tokenizer)
         sampler = state["sampler"]
-        state["policy"] = sampler.model if isinstance(sampler, TransformersSampler) else load_causal_lm(model, args)
+        # The transformers sampler holds the policy already; vLLM's engine does not lend its weights for log-probs.
+        policy = getattr(sampler, "model", None)
+        state["policy"] = policy if policy is not None else load_causal_lm(model, args)
         if ref_model is not None:
             ref_tokenizer = (
                 resolve_tokenizer(None, ref_model, trust_remote_code=args.trust_remote_code)
@@ -244,7 +189,11 @@ def evaluate_policy(
             TRUNCATED: [s.truncated for _, _, s in flat],
         }
         columns = {c: [data[c][pos] for pos, _, _ in flat] for c in kwarg_columns}
-        out[REWARD] = state["scorer"](out[PROMPT], out[COMPLETION], **columns)
+        try:
+            out[REWARD] = state["scorer"](out[PROMPT], out[COMPLETION], **columns)
+        except RewardFunctionError as error:
+            rows = sorted({out[ROW_INDEX][i] for i in error.positions})
+            raise ValueError(error.describe(f"samples of rows {rows_range(rows)} (0-based)")) from None
         bad = [i for i, r in enumerate(out[REWARD]) if math.isnan(r)]
         if bad:
             raise ValueError(

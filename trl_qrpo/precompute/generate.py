@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
-from ..columns import COMPLETION_COLUMNS, PROMPT, REF_COMPLETIONS, REF_NUM_TOKENS, REF_TRUNCATED
+from ..columns import PROMPT, REF_COMPLETIONS, REF_NUM_TOKENS, REF_TRUNCATED
+from ..tokenization import tokenize_prompt
+from .backends import make_sampler
 from .chunks import (
     ChunkedTask,
     ShardPlan,
@@ -17,33 +18,8 @@ from .chunks import (
 )
 from .config import GenerateConfig
 from .io import ensure_prompt_column, is_conversational_value, logger, model_name, path_str
-from .sampling import as_completion, load_tokenizer, make_sampler, sample_seed, tokenize_prompt
-
-
-def resolve_tokenizer(processing_class, model, *, trust_remote_code: bool = False, revision: str | None = None):
-    """The given tokenizer, or the one saved with `model` (pad token falling back to EOS)."""
-    if processing_class is not None:
-        if isinstance(processing_class, str):
-            return load_tokenizer(processing_class, trust_remote_code=trust_remote_code, revision=revision)
-        if processing_class.pad_token is None:
-            processing_class.pad_token = processing_class.eos_token
-        return processing_class
-    name = model_name(model)
-    if not isinstance(model, str) and not Path(name).exists():
-        raise ValueError("Pass `processing_class`: the tokenizer cannot be found from a model object without a path.")
-    return load_tokenizer(name, trust_remote_code=trust_remote_code, revision=revision)
-
-
-def check_completion_formats(dataset, conversational: bool) -> None:
-    """Refuse a dataset whose completion columns are not in the format (plain or conversational) of its prompts."""
-    first = dataset[0]
-    for column in COMPLETION_COLUMNS:
-        if column in first and first[column] is not None and is_conversational_value(first[column]) != conversational:
-            raise ValueError(
-                f"Column '{column}' is {'conversational' if not conversational else 'plain text'} but 'prompt' is "
-                f"{'conversational' if conversational else 'plain text'} (row 0). Use one format for prompts and "
-                "completions, as TRL's trainers expect."
-            )
+from .model_loading import resolve_tokenizer
+from .samples import as_completion, sample_seed
 
 
 def _template_hash(tokenizer) -> str | None:
@@ -98,7 +74,6 @@ def generate_references(dataset, args: GenerateConfig, model=None, processing_cl
             )
     dataset = ensure_prompt_column(dataset)
     conversational = is_conversational_value(dataset[0][PROMPT])
-    check_completion_formats(dataset, conversational)
     tokenizer = resolve_tokenizer(
         processing_class, model, trust_remote_code=args.trust_remote_code, revision=args.model_revision
     )

@@ -58,6 +58,16 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def rows_range(rows: list[int], limit: int = 8) -> str:
+    """Row numbers for a message: `3-9` for a run of consecutive rows, else the first `limit` and how many more."""
+    if not rows:
+        return "none"
+    if rows == list(range(rows[0], rows[-1] + 1)) and len(rows) > 2:
+        return f"{rows[0]}-{rows[-1]}"
+    shown = ", ".join(str(r) for r in rows[:limit])
+    return shown + (f" (and {len(rows) - limit} more)" if len(rows) > limit else "")
+
+
 def require_columns(dataset, columns: list[str], what: str, fix: str) -> None:
     """Raise a `ValueError` naming the missing columns, what needs them and how to get them."""
     missing = [c for c in columns if c not in dataset.column_names]
@@ -73,7 +83,8 @@ def is_conversational_value(value) -> bool:
 
 
 def ensure_prompt_column(dataset):
-    """Give a preference dataset with an implicit prompt an explicit `prompt` column, as DPOTrainer does.
+    """Give a preference dataset with an implicit prompt an explicit `prompt` column, as DPOTrainer does, after
+    checking that its prompts and completions use one format (all plain text or all conversational).
 
     Args:
         dataset ([`~datasets.Dataset`]):
@@ -83,6 +94,9 @@ def ensure_prompt_column(dataset):
     Returns:
         [`~datasets.Dataset`]: the dataset with a `prompt` column.
     """
+    from ..tokenization import check_one_format
+
+    check_one_format(dataset)
     if PROMPT in dataset.column_names:
         return dataset
     if CHOSEN in dataset.column_names and REJECTED in dataset.column_names:

@@ -34,7 +34,7 @@ from ..columns import (
 )
 from .config import BuildOffPolicyConfig
 from .io import ensure_prompt_column, logger, require_columns
-from .sampling import sample_seed
+from .samples import sample_seed
 
 OFFPOLICY_MODES = ("pointwise", "best_worst", "random_pairs")
 

@@ -37,9 +37,9 @@ Without `trl`: `trl-qrpo ...`, `python -m trl_qrpo ...`, or
 import argparse
 import dataclasses
 import importlib.util
+import os
 import sys
 from pathlib import Path
-
 
 if __name__ == "__main__" and importlib.util.find_spec("trl_qrpo") is None:
     # Launched as a file (`accelerate launch .../trl_qrpo/scripts/qrpo.py`) from a checkout that is not installed.
@@ -47,9 +47,8 @@ if __name__ == "__main__" and importlib.util.find_spec("trl_qrpo") is None:
 
 from trl import ScriptArguments as _TrlScriptArguments  # noqa: E402 (after the path fix above)
 
-
 # QRPO: one dataset loader for this script and the pre-computation commands (local folders and files too).
-from trl_qrpo.loading import load_dataset_by_name, localize_mixture, with_test_split  # noqa: E402
+from trl_qrpo.loading import DatasetLoadError, load_dataset_by_name, localize_mixture, with_test_split  # noqa: E402
 
 
 def _get_split(dataset, split: str, argument: str):
@@ -208,4 +207,11 @@ if __name__ == "__main__":
     # defaults, before the flags become a QRPOConfig (building it sets accelerate's state up); the user's values win.
     apply_cpu_only_launch_defaults(parser)
     script_args, training_args, model_args, dataset_args = parser.parse_args_and_config(fail_with_unknown_args=False)
-    main(script_args, training_args, model_args, dataset_args)
+    try:
+        main(script_args, training_args, model_args, dataset_args)
+    except (ValueError, DatasetLoadError) as error:
+        # QRPO: bad input (a column, a row, an option) is one line that says what to fix, not a long traceback.
+        if os.environ.get("TRL_QRPO_TRACEBACK", "").strip().lower() in ("1", "true", "yes", "on"):
+            raise
+        print(f"trl qrpo: error: {error} (set TRL_QRPO_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None

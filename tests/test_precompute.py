@@ -26,8 +26,9 @@ from trl_qrpo.precompute import (
     sequence_logps,
 )
 from trl_qrpo.precompute import chunks as chunks_module
-from trl_qrpo.precompute.sampling import decode_completion, tokenize_prompt
-from trl_qrpo.scripts.reference_cli import SUBCOMMANDS
+from trl_qrpo.precompute.samples import decode_completion
+from trl_qrpo.tokenization import tokenize_prompt
+from trl_qrpo.scripts.precompute_cli import SUBCOMMANDS
 
 PROMPTS = [
     "hello",
@@ -61,7 +62,7 @@ def plain_dataset(n=4):
     )
 
 
-# Reward functions with TRL's signature, importable as `test_reference.<name>` (tests/ is on sys.path).
+# Reward functions with TRL's signature, importable as `test_precompute.<name>` (tests/ is on sys.path).
 def length_reward(prompts, completions, **kwargs):
     return [float(len(c[-1]["content"] if isinstance(c, list) else c)) for c in completions]
 
@@ -265,6 +266,7 @@ def test_merged_shards_equal_unsharded_run(tiny_model_dir, tmp_path, refs):
     assert read_manifest(tmp_path / "merged")["num_shards"] == 1
 
 
+@pytest.mark.slow
 def test_data_parallel_workers_equal_single_process(tiny_model_dir, tmp_path, refs):
     """Two worker processes (spawned, CPU) share the chunks; the assembled output is the single-process one."""
     out = generate_references(
@@ -319,7 +321,7 @@ def test_score_with_reward_functions_and_weights(tiny_model_dir):
     data = generate_references(plain_dataset(3), GenerateConfig(model_name_or_path=str(tiny_model_dir), **GEN))
     data = data.add_column("source", ["s1", "s2", "s3"])
     scored = score_dataset(
-        data, ScoreConfig(reward_funcs=["test_reference.length_reward", source_reward], reward_weights=[1.0, 10.0])
+        data, ScoreConfig(reward_funcs=["test_precompute.length_reward", source_reward], reward_weights=[1.0, 10.0])
     )
     for i, row in enumerate(scored):
         assert row["chosen_reward"] == len(" good day") + 10.0 * (i + 1)
@@ -332,6 +334,30 @@ def test_score_with_reward_functions_and_weights(tiny_model_dir):
         score_dataset(data, ScoreConfig(reward_funcs=[partial_reward], columns=["chosen"]))
     with pytest.raises(ValueError, match="reward weights"):
         score_dataset(data, ScoreConfig(reward_funcs=[length_reward], reward_weights=[1.0, 2.0]))
+
+
+def failing_reward(prompts, completions, **kwargs):
+    if any("boom" in (c[-1]["content"] if isinstance(c, list) else c) for c in completions):
+        raise KeyError("no score for this completion")
+    return [1.0] * len(completions)
+
+
+def test_a_reward_function_that_raises_is_named_with_its_rows(tmp_path, capsys):
+    data = Dataset.from_dict({"prompt": ["a", "b", "c"], "completion": [" ok", " boom", " ok"]})
+    with pytest.raises(ValueError) as error:
+        score_dataset(data, ScoreConfig(reward_funcs=[failing_reward], reward_batch_size=1, chunk_size=1))
+    message = str(error.value)
+    assert "'failing_reward' raised KeyError" in message and "no score for this completion" in message
+    assert "rows 1 " in message and "0-based" in message
+    # On the command line: one line, exit 2; the failed run's empty output does not block a rerun with another reward.
+    source = tmp_path / "data.jsonl"
+    data.to_json(str(source), lines=True)
+    argv = ["--dataset_name", str(source), "--output_dir", str(tmp_path / "scored")]
+    assert SUBCOMMANDS["score"](argv + ["--reward_funcs", "test_precompute.failing_reward"], "trl qrpo score") == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+    assert len(err) == 1 and "failing_reward" in err[0] and "Traceback" not in err[0]
+    assert SUBCOMMANDS["score"](argv + ["--reward_funcs", "test_precompute.length_reward"], "trl qrpo score") == 0
+    assert load_from_disk(str(tmp_path / "scored"))["reward"] == [3.0, 5.0, 3.0]
 
 
 def test_score_names_the_bad_row():
@@ -523,7 +549,7 @@ def test_cli_generate_score_build_merge(tiny_model_dir, tiny_reward_model_dir, t
             "--reward_model_name_or_path",
             str(tiny_reward_model_dir),
             "--reward_funcs",
-            "test_reference.length_reward",
+            "test_precompute.length_reward",
             "--reward_weights",
             "1",
             "0.5",
@@ -559,7 +585,7 @@ def test_cli_evaluate(tiny_model_dir, tmp_path, capsys):
             "--ref_model_name_or_path",
             str(tiny_model_dir),
             "--reward_funcs",
-            "test_reference.length_reward",
+            "test_precompute.length_reward",
             "--max_new_tokens",
             "4",
             "--num_samples",
@@ -605,7 +631,7 @@ def test_output_feeds_qrpo_trainer(refs, tiny_model_dir, tiny_reward_model_dir, 
 
 
 def test_ctrl_c_says_how_to_resume_and_the_rerun_loses_nothing(tiny_model_dir, tmp_path, monkeypatch, capsys, refs):
-    from trl_qrpo.precompute import sampling
+    from trl_qrpo.precompute import transformers_sampler as sampling
 
     src = tmp_path / "prompts.jsonl"
     conversational_dataset().to_json(str(src), lines=True)
@@ -672,7 +698,7 @@ def test_generate_shows_no_nested_progress_bars_and_no_spurious_warning(tiny_mod
 
 def test_a_missing_dataset_is_a_one_line_error(tmp_path, capsys):
     argv = ["--dataset_name", str(tmp_path / "missing.jsonl"), "--output_dir", str(tmp_path / "o")]
-    assert SUBCOMMANDS["score"](argv + ["--reward_funcs", "test_reference.length_reward"], "trl qrpo score") == 2
+    assert SUBCOMMANDS["score"](argv + ["--reward_funcs", "test_precompute.length_reward"], "trl qrpo score") == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
 
@@ -708,3 +734,21 @@ def test_evaluation_and_training_compute_the_same_log_ratios(tiny_model_dir, tmp
     assert (logps - ref_logps).tolist() == pytest.approx(samples["logratio"], abs=1e-5)
     assert logps.tolist() == pytest.approx(samples["policy_logp"], abs=1e-5)
     assert any(abs(x) > 1e-3 for x in samples["logratio"])
+
+
+def test_mixed_plain_and_conversational_rows_are_named_before_any_model_loads(tmp_path):
+    source = tmp_path / "mixed.jsonl"
+    rows = [
+        {"prompt": [{"role": "user", "content": "Say hi."}], "completion": [{"role": "assistant", "content": "Hi"}]},
+        {"prompt": "Say something.", "completion": " ok"},
+    ]
+    source.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    from trl_qrpo.loading import load_split
+
+    data = load_split(str(source))
+    for call in (
+        lambda: generate_references(data, GenerateConfig(model_name_or_path="no/such-model")),
+        lambda: score_dataset(data, ScoreConfig(reward_funcs=[length_reward])),
+    ):
+        with pytest.raises(ValueError, match=r"Column 'prompt', row 1 \(0-based; line 2 .*\) is plain text"):
+            call()

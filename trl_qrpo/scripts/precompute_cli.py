@@ -24,23 +24,31 @@ import sys
 
 from trl_qrpo.precompute.config import (
     BuildOffPolicyConfig,
+    DataArguments,
     EvaluateConfig,
     GenerateConfig,
     MergeConfig,
     ScoreConfig,
+    has_reward,
 )
 
-# The command-line names of the configs (kept for recipes and scripts that import them).
-GenerateArguments, ScoreArguments, BuildOffPolicyArguments = GenerateConfig, ScoreConfig, BuildOffPolicyConfig
-MergeArguments, EvaluateArguments = MergeConfig, EvaluateConfig
+# The dataclasses each command parses, as TRL's scripts parse `ScriptArguments` beside the trainer's config: the input
+# and export options (`DataArguments`) and the command's config, which its function takes. `merge` reads no dataset.
+COMMAND_CONFIGS = {
+    "generate": (DataArguments, GenerateConfig),
+    "score": (DataArguments, ScoreConfig),
+    "build-offpolicy": (DataArguments, BuildOffPolicyConfig),
+    "merge": (MergeConfig,),
+    "evaluate": (DataArguments, EvaluateConfig),
+}
 
 # Arguments each command cannot run without (checked by the parser, before any work).
 _REQUIRED = {
-    GenerateConfig: ("dataset_name", "output_dir", "model_name_or_path"),
-    ScoreConfig: ("dataset_name", "output_dir"),
-    BuildOffPolicyConfig: ("dataset_name", "output_dir"),
-    MergeConfig: ("shard_dirs", "output_dir"),
-    EvaluateConfig: ("dataset_name", "output_dir", "model_name_or_path"),
+    "generate": ("dataset_name", "output_dir", "model_name_or_path"),
+    "score": ("dataset_name", "output_dir"),
+    "build-offpolicy": ("dataset_name", "output_dir"),
+    "merge": ("shard_dirs", "output_dir"),
+    "evaluate": ("dataset_name", "output_dir", "model_name_or_path"),
 }
 
 
@@ -53,20 +61,20 @@ def _setup_logging() -> None:
     logger.setLevel(logging.INFO)
 
 
-def _parse(cls, argv: list[str], prog: str):
+def _parse(command: str, argv: list[str], prog: str):
+    """Parse a command's dataclasses (`COMMAND_CONFIGS`) from flags and `--config`; check the required ones."""
     from trl import TrlParser
 
-    parser = TrlParser(cls, prog=prog, description=cls.__doc__)
-    (args,) = parser.parse_args_and_config(args=argv)
-    missing = [name for name in _REQUIRED[cls] if getattr(args, name) in (None, [])]
+    classes = COMMAND_CONFIGS[command]
+    parser = TrlParser(classes, prog=prog, description=classes[-1].__doc__)
+    parsed = parser.parse_args_and_config(args=argv)
+    missing = [name for name in _REQUIRED[command] if all(getattr(args, name, None) in (None, []) for args in parsed)]
     if missing:
         parser.error(f"missing required argument(s): {', '.join('--' + r for r in missing)}")
-    if cls is ScoreConfig and not args.has_reward:
-        parser.error("give a reward: --reward_model_name_or_path and/or --reward_funcs.")
-    if cls is EvaluateConfig and not args.has_reward:
+    if command in ("score", "evaluate") and not has_reward(parsed[-1]):
         parser.error("give a reward: --reward_model_name_or_path and/or --reward_funcs.")
     _setup_logging()
-    return args
+    return parsed
 
 
 def _load(args):
@@ -78,7 +86,8 @@ def _load(args):
     return dataset
 
 
-def _finish(dataset, args, sharded: bool = False) -> None:
+def _finish(dataset, args, output_dir: str, sharded: bool = False) -> None:
+    """Export (`output_file`), push (`push_to_hub`) and log the result of a command; `args` holds the export options."""
     from trl_qrpo.precompute.io import save_any_dataset
 
     logger = logging.getLogger("trl_qrpo.precompute")
@@ -90,7 +99,7 @@ def _finish(dataset, args, sharded: bool = False) -> None:
             logger.warning("Not pushing one shard to the Hub: merge the shards (`merge`) and push the result.")
         else:
             dataset.push_to_hub(args.hub_dataset_id)
-    logger.info(f"Wrote {len(dataset)} rows to {args.output_dir}.")
+    logger.info(f"Wrote {len(dataset)} rows to {output_dir}.")
 
 
 def _run(fn):
@@ -121,8 +130,8 @@ def generate_main(argv: list[str], prog: str = "trl qrpo generate") -> int:
     """Sample reference completions: see `GenerateConfig` and `trl_qrpo.precompute.generate_references`."""
     from trl_qrpo.precompute import generate_references
 
-    args = _parse(GenerateConfig, argv, prog)
-    _finish(generate_references(_load(args), args), args, sharded=args.num_shards > 1)
+    data, args = _parse("generate", argv, prog)
+    _finish(generate_references(_load(data), args), data, args.output_dir, sharded=args.num_shards > 1)
     return 0
 
 
@@ -131,8 +140,8 @@ def score_main(argv: list[str], prog: str = "trl qrpo score") -> int:
     """Score completions and references: see `ScoreConfig` and `trl_qrpo.precompute.score_dataset`."""
     from trl_qrpo.precompute import score_dataset
 
-    args = _parse(ScoreConfig, argv, prog)
-    _finish(score_dataset(_load(args), args), args, sharded=args.num_shards > 1)
+    data, args = _parse("score", argv, prog)
+    _finish(score_dataset(_load(data), args), data, args.output_dir, sharded=args.num_shards > 1)
     return 0
 
 
@@ -141,10 +150,10 @@ def build_offpolicy_main(argv: list[str], prog: str = "trl qrpo build-offpolicy"
     """Build off-policy training rows: see `BuildOffPolicyConfig` and `build_offpolicy_dataset`."""
     from trl_qrpo.precompute import build_offpolicy_dataset
 
-    args = _parse(BuildOffPolicyConfig, argv, prog)
-    dataset = build_offpolicy_dataset(_load(args), args)
+    data, args = _parse("build-offpolicy", argv, prog)
+    dataset = build_offpolicy_dataset(_load(data), args)
     dataset.save_to_disk(args.output_dir)
-    _finish(dataset, args)
+    _finish(dataset, data, args.output_dir)
     return 0
 
 
@@ -157,14 +166,14 @@ def merge_main(argv: list[str], prog: str = "trl qrpo merge") -> int:
     from trl_qrpo.precompute.evaluate import SUMMARY_NAME
     from trl_qrpo.precompute.io import write_json
 
-    args = _parse(MergeConfig, argv, prog)
+    (args,) = _parse("merge", argv, prog)
     dataset = merge_shards(args.shard_dirs, args.output_dir)
     manifest = read_manifest(args.output_dir)
     if manifest.get("task") == "evaluate":
         summary = summarize_evaluation(dataset, meta=dict(manifest["params"], merged_from=manifest["merged_from"]))
         write_json(Path(args.output_dir) / SUMMARY_NAME, summary)
         print(json.dumps({k: v for k, v in summary.items() if k != "meta"}, indent=2))
-    _finish(dataset, args)
+    _finish(dataset, args, args.output_dir)
     return 0
 
 
@@ -173,10 +182,10 @@ def evaluate_main(argv: list[str], prog: str = "trl qrpo evaluate") -> int:
     """Evaluate a policy's own samples: see `EvaluateConfig` and `trl_qrpo.precompute.evaluate_policy`."""
     from trl_qrpo.precompute import evaluate_policy
 
-    args = _parse(EvaluateConfig, argv, prog)
-    samples, summary = evaluate_policy(_load(args), args)
+    data, args = _parse("evaluate", argv, prog)
+    samples, summary = evaluate_policy(_load(data), args)
     print(json.dumps({k: v for k, v in summary.items() if k != "meta"}, indent=2))
-    _finish(samples, args, sharded=args.num_shards > 1)
+    _finish(samples, data, args.output_dir, sharded=args.num_shards > 1)
     return 0
 
 

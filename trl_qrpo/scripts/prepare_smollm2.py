@@ -7,7 +7,7 @@ Hugging Face folder (config, fp32 safetensors, tokenizer with its ChatML templat
 that loads in well under a second with ``from_pretrained(folder)``, which is what recipes and `trl qrpo` take as
 `model_name_or_path`.
 
-    trl qrpo prepare-smollm2 [--output_dir DIR] [--force]     # prints the folder; also `python -m trl_qrpo.models`
+    trl qrpo prepare-smollm2 [--output_dir DIR] [--force]     # prints the folder; also `python -m trl_qrpo.scripts.prepare_smollm2`
 """
 
 from __future__ import annotations
@@ -122,8 +122,15 @@ def prepare_smollm2(output_dir: str | os.PathLike | None = None, force: bool = F
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        marker = {"source": f"{SMOLLM2_PIP} ({SMOLLM2_GGUF})", "dtype": "float32", "converted_by": "trl_qrpo.models"}
+        marker = {
+            "source": f"{SMOLLM2_PIP} ({SMOLLM2_GGUF})",
+            "dtype": "float32",
+            "converted_by": "trl_qrpo.scripts.prepare_smollm2",
+        }
         (staging / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        for path in staging.rglob("*"):  # some writers create private (0600) files: readable like any model folder
+            if path.is_file():
+                os.chmod(path, 0o666 & ~umask)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)
@@ -159,4 +166,4 @@ def prepare_smollm2_cli(argv: list[str] | None = None, prog: str = "trl qrpo pre
 
 
 if __name__ == "__main__":
-    raise SystemExit(prepare_smollm2_cli(prog="python -m trl_qrpo.models"))
+    raise SystemExit(prepare_smollm2_cli(prog="python -m trl_qrpo.scripts.prepare_smollm2"))
