@@ -7,6 +7,7 @@ and the vLLM backend against a plain `vllm.LLM.generate` loop and against transf
     $TRL_QRPO_VLLM_PYTHON benchmarks/bench_generation.py --sizes smollm2-135m --name generation_vllm_cpu
     # on a GPU machine with vLLM installed (pip install vllm):
     python benchmarks/bench_generation.py --backends transformers,vllm --sizes 60m,smollm2-135m --device cuda
+    python benchmarks/bench_generation.py --device cuda --dtype bfloat16 --sizes 0.5b --out-dir OUT   # no vLLM
 
 Both sides get the same loaded model, the same prompts, `num_generations` samples per prompt, the same batch size
 (sequences per generate call) and max_new_tokens, and sample the model's own distribution (temperature 1, top_p 1,
@@ -22,7 +23,7 @@ no top_k). Throughput counts the tokens actually generated (up to and including 
   vllm_refs       `generate_references(backend="vllm")` end to end, its own engine start included (one run)
 
 The vLLM rows need vLLM importable (on CPU: the vLLM CPU environment; on GPU: pip install vllm). Runs alternate
-(plain, ours, plain, ours, ...) and the median over --repeats is reported. Writes results/<name>.json and .png.
+(plain, ours, plain, ours, ...) and the median over --repeats is reported. Writes <out-dir>/<name>.json and .png.
 """
 
 from __future__ import annotations
@@ -135,9 +136,9 @@ def run_size(size: str, args) -> dict:
     logging.getLogger("trl_qrpo").setLevel(
         logging.ERROR
     )  # random-init models rarely sample EOS: no truncation warning
-    path = common.model_dir(size)
+    path = common.model_dir(size, dtype=args.dtype, device=args.device)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(args.device).eval()
     prompts = make_prompts(args.prompts, args.prompt_words)
     result = {"size": size, "parameters": common.num_parameters(path), "runs": {}}
     print(f"\n== {size}: {result['parameters'] / 1e6:.1f}M parameters", flush=True)
@@ -167,7 +168,8 @@ def run_size(size: str, args) -> dict:
             runs[name].append(
                 {"s": elapsed, "tokens": tokens, "sequences": sequences, "tokens_per_s": tokens / elapsed}
             )
-    del model
+    methods.clear()  # the closures hold the model: let it go before vLLM starts
+    model = None
     gc.collect()
 
     if "vllm" in args.backends:
@@ -203,8 +205,9 @@ def run_vllm(path, tokenizer, prompts, args) -> dict:
         reason = "not measured (vllm not importable: run with the vLLM environment's python, docs/vllm.md)"
         return {name: [{"not_measured": reason}] for name in names}
     from trl_qrpo.precompute import GenerateConfig
-    from trl_qrpo.precompute.sampling import sample_seed, tokenize_prompt
-    from trl_qrpo.precompute.vllm_engine import VLLMSampler
+    from trl_qrpo.precompute.samples import sample_seed
+    from trl_qrpo.precompute.vllm_sampler import VLLMSampler
+    from trl_qrpo.tokenization import tokenize_prompt
 
     on_gpu = torch.cuda.is_available()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -216,7 +219,7 @@ def run_vllm(path, tokenizer, prompts, args) -> dict:
     config = GenerateConfig(
         model_name_or_path=str(path),
         backend="vllm",
-        dtype="float32",
+        dtype=args.dtype,
         num_generations=args.num_generations,
         max_new_tokens=args.max_new_tokens,
         seed=0,
@@ -274,7 +277,8 @@ def parse_args(argv=None):
         "--backends", default="transformers,vllm", help="transformers[,vllm] (vllm rows need vllm importable)"
     )
     p.add_argument("--vllm-max-model-length", type=int, default=512, help="vLLM context length (prompt + completion)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the model's weights")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--name", default="generation")
@@ -322,7 +326,7 @@ def main(argv=None):
     common.print_table(
         rows,
         COLUMNS,
-        title=f"Reference generation ({args.device}), {args.prompts} prompts x {args.num_generations}, "
+        title=f"Reference generation ({args.device}, {args.dtype}), {args.prompts} prompts x {args.num_generations}, "
         f"max_new_tokens {args.max_new_tokens}, batch {args.batch_size}",
     )
 

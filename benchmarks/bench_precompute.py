@@ -2,6 +2,7 @@
 
     python benchmarks/bench_precompute.py                 # defaults: --sizes tiny,60m, a few minutes
     python benchmarks/bench_precompute.py --sizes 60m --steps 20
+    python benchmarks/bench_precompute.py --device cuda --dtype bfloat16 --sizes 0.5b --out-dir OUT   # a GPU
 
 Variants (same weights, same pairs, same batches, as in bench_train_step.py):
   qrpo / dpo           reference log-probs from a reference model on the fly (a second forward every step)
@@ -9,8 +10,9 @@ Variants (same weights, same pairs, same batches, as in bench_train_step.py):
                        is kept in memory
 
 Reported: training_step median time (variants alternating in one process), the one-off precompute pass (seconds,
-and per sequence), and peak RSS in a fresh subprocess per variant (over the process start: models included, so the
-reference model the precompute path frees shows here). Writes results/precompute.json and .png.
+and per sequence), and peak memory in a fresh subprocess per variant (over the process start: models included, so
+the reference model the precompute path frees shows here; RSS on the CPU, the CUDA allocator's peak on a GPU). Takes
+the options of bench_train_step.py (--device, --dtype, --out-dir, ...). Writes <out-dir>/precompute.json and .png.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def main(argv=None):
                 }
             )
     common.print_table(rows, COLUMNS, title="precompute_ref_log_probs: on the fly vs precomputed")
+    bts.print_checks(results)
     for r in results:
         q = r["ratios"]
         print(
@@ -121,12 +124,12 @@ def main(argv=None):
             axes[0].bar(xs, [r["step"][name]["median"] for r in results], width, label=name)
             if all("memory" in r for r in results):
                 axes[1].bar(xs, [r["memory"][name]["peak_over_start_mb"] for r in results], width, label=name)
-        for ax, title in zip(axes, ["training_step median (s)", "peak RSS over start (MiB)"]):
+        for ax, title in zip(axes, ["training_step median (s)", "peak memory over start (MiB)"]):
             ax.set_xticks([k + 0.4 - width / 2 for k in range(len(results))], [r["size"] for r in results])
             ax.set_title(title)
             ax.set_yscale("log")
         axes[0].legend()
-        fig.suptitle("Reference log-probs on the fly vs precomputed (CPU)")
+        fig.suptitle(f"Reference log-probs on the fly vs precomputed ({args.device}, {args.dtype})")
 
     return common.save("precompute", args, machine, load, draw, results=results, table=rows)
 

@@ -79,15 +79,15 @@ def timed(fn, n_texts):
 def run(args) -> dict:
     import importlib.util
 
-    from trl_qrpo.precompute.config import ScoreConfig
-    from trl_qrpo.precompute.scoring import RewardModelScorer
+    from trl_qrpo.precompute import ScoreConfig
+    from trl_qrpo.precompute.scorers import RewardModelScorer
 
     path = reward_model_dir()
     prompts, completions = make_pairs(args.texts)
     config = ScoreConfig(
         reward_max_length=args.reward_max_length,
         reward_batch_size=args.batch_size,
-        reward_dtype="float32",
+        reward_dtype=args.dtype,
         device="cpu" if args.device == "cpu" else args.device,
         vllm_enforce_eager=args.device == "cpu",
         vllm_gpu_memory_utilization=0.35,
@@ -107,7 +107,7 @@ def run(args) -> dict:
     else:
         from vllm.pooling_params import PoolingParams
 
-        from trl_qrpo.precompute.vllm_engine import VLLMRewardScorer
+        from trl_qrpo.precompute.vllm_scorer import VLLMRewardScorer
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         start = time.perf_counter()
@@ -174,7 +174,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (transformers)")
     p.add_argument("--reward-max-length", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the reward model's weights")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--name", default="scoring")

@@ -51,7 +51,7 @@ def math_worker(spec: dict) -> dict:
     if k == 1:
         rewards = rewards[:, 0].contiguous()
     # warm the code paths on a small slice (first-call costs are not what is measured)
-    q, n = quantile_rewards(rewards[:100], ref[:100], ties=ties, return_num_refs=True, generator=g)
+    q, n, _ = quantile_rewards(rewards[:100], ref[:100], ties=ties, generator=g)
     qrpo_targets(q, transform, 1e-3, n, partition)
     gc.collect()
     base = common.rss_mb()
@@ -59,7 +59,7 @@ def math_worker(spec: dict) -> dict:
     for _ in range(spec["repeats"]):
         common.reset_peak_rss()
         start = time.perf_counter()
-        q, n = quantile_rewards(rewards, ref, ties=ties, return_num_refs=True, generator=g)
+        q, n, _ = quantile_rewards(rewards, ref, ties=ties, generator=g)
         mid = time.perf_counter()
         targets, beta_log_z = qrpo_targets(q, transform, 1e-3, n, partition)
         end = time.perf_counter()
@@ -124,7 +124,14 @@ def dataset_worker(spec: dict) -> dict:
     import numpy as np
 
     from trl_qrpo import QRPOConfig, QRPOTrainer, get_transform
-    from trl_qrpo.data import QuantileOptions, check_references, detect_layout, map_quantiles, map_targets
+    from trl_qrpo.data import (
+        QuantileOptions,
+        TargetOptions,
+        check_references,
+        detect_layout,
+        map_quantiles,
+        map_targets,
+    )
 
     out = {"rows": spec["rows"], "refs": spec["refs"], "ragged": spec.get("ragged", False)}
     from datasets import load_from_disk
@@ -156,7 +163,7 @@ def dataset_worker(spec: dict) -> dict:
         layout,
         QuantileOptions.from_args(cfg),
         warn=False,
-        targets={"transform": transform, "beta": cfg.beta, "partition_mode": cfg.partition_mode},
+        targets=TargetOptions.from_args(cfg, transform),
     )
     end, cpu_end = time.perf_counter(), time.process_time()
     out.update(
@@ -177,16 +184,7 @@ def dataset_worker(spec: dict) -> dict:
         warn=False,
     )
     mid = time.perf_counter()
-    targeted = map_targets(
-        quantiled,
-        transform,
-        beta=cfg.beta,
-        partition_mode=cfg.partition_mode,
-        normalize_beta_by_length=cfg.normalize_beta_by_length,
-        max_length=cfg.max_length,
-        truncation_mode=cfg.truncation_mode,
-        num_ref_rewards=cfg.num_ref_rewards,
-    )
+    targeted = map_targets(quantiled, TargetOptions.from_args(cfg, transform))
     out["target_map_s"] = time.perf_counter() - mid
     assert len(targeted) == spec["rows"]
     assert np.isfinite(np.asarray(targeted.with_format("arrow")["target"].combine_chunks().flatten())).all()
@@ -198,6 +196,7 @@ def dataset_worker(spec: dict) -> dict:
         stub = QRPOTrainer.__new__(QRPOTrainer)
         tokenizer = common.build_tokenizer()
         stub._tokenizer, stub._transform, stub._fitted_transform = tokenizer, transform, None
+        stub._rows_prepared = set()
         try:
             start = time.perf_counter()
             QRPOTrainer._prepare_dataset(stub, small, tokenizer, cfg, "train")

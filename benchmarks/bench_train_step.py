@@ -2,15 +2,18 @@
 
     python benchmarks/bench_train_step.py                      # defaults: --sizes tiny,60m, a few minutes
     python benchmarks/bench_train_step.py --sizes tiny,20m,60m --steps 20 --gradient-checkpointing off
+    python benchmarks/bench_train_step.py --device cuda --dtype bfloat16 --sizes 0.5b,1.5b --out-dir OUT   # a GPU
 
 Variants, built on the same saved weights and the same synthetic pairs (token sequences checked equal):
   dpo        TRL DPOTrainer, B pairs per step = 2B sequences (sigmoid loss, reference model on the fly)
   qrpo       QRPOTrainer on the paired data, sample_selector="both": B rows = the same 2B sequences
   qrpo_pw    QRPOTrainer on the same completions as pointwise rows, 2B rows per step (same sequences again)
 
-Measured: `training_step` (forward, reference forward, loss, backward) on prepared batches, the three taking turns
-step by step in one process (who goes first rotates); `trainer.train()` end to end (loader, optimizer, logging);
-peak RSS of a few steps in a fresh subprocess per variant. Writes results/train_step.json and .png.
+Checked first, before any update: QRPO's step-0 log-ratios (exactly 0) and its sequence log-probs against a float64
+forward of the same weights. Measured: `training_step` (forward, reference forward, loss, backward) on prepared
+batches, the three taking turns step by step in one process (who goes first rotates; CUDA synchronised around each
+step); `trainer.train()` end to end (loader, optimizer, logging); peak memory of a few steps in a fresh subprocess
+per variant (RSS on the CPU, the CUDA allocator's peak on a GPU). Writes <out-dir>/train_step.json and .png.
 """
 
 from __future__ import annotations
@@ -43,6 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--mem-steps", type=int, default=2, help="training steps in each memory subprocess (0: skip)")
     p.add_argument("--mem-repeats", type=int, default=1)
     p.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on", help="on: TRL's default")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the models train")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and autocast (bf16 as train())"
+    )
     p.add_argument("--smoke", action="store_true", help="smallest settings (seconds): for the smoke test")
     p.add_argument("--out-dir", default=None, help="where to write JSON/PNG (default: benchmarks/results)")
     p.add_argument("--name", default="train_step")
@@ -64,14 +71,16 @@ def parse_args(argv=None):
 
 
 def run_size(size: str, args, variants=VARIANTS, ratio_pairs=(("qrpo", "dpo"), ("qrpo_pw", "dpo"))) -> dict:
-    path = common.model_dir(size)
     work = tc.Workload(
         size=size,
         batch_pairs=args.batch_pairs,
         prompt_words=args.prompt_words,
         completion_words=args.completion_words,
         gradient_checkpointing=args.gradient_checkpointing == "on",
+        device=args.device,
+        dtype=args.dtype,
     )
+    path = tc.model_path(work)
     pairs = tc.make_pairs(work)
     result = {"size": size, "parameters": common.num_parameters(path), "workload": asdict(work)}
     print(f"\n== {size}: {result['parameters'] / 1e6:.1f}M parameters, {work.batch_pairs} pairs per step", flush=True)
@@ -83,9 +92,11 @@ def run_size(size: str, args, variants=VARIANTS, ratio_pairs=(("qrpo", "dpo"), (
                 tc.build_trainer, v, work, pairs, f"{tmp}/{v.name}", max(1, args.e2e_steps)
             )
             batches[v.name] = tc.prepared_batches(trainers[v.name], work.num_batches)
-            tc.enable_checkpointing(trainers[v.name])
+            tc.prepare_for_steps(trainers[v.name])
         tc.check_same_sequences(batches)
         result["init_s"] = init_s
+        qrpo = next(v.name for v in variants if v.trainer == "qrpo")
+        result["checks"] = tc.logprob_checks(trainers[qrpo], batches[qrpo][0], path)
 
         times = tc.alternate(trainers, batches, args.warmup, args.steps)
         result["step"] = tc.step_stats(times, batches, args.steps)
@@ -153,7 +164,7 @@ COLUMNS = [
 ]
 
 
-def draw(results, rows, baseline="dpo"):
+def draw(results, rows, device, dtype, baseline="dpo"):
     def _draw(plt):
         names = list(results[0]["step"])
         sizes = [r["size"] for r in results]
@@ -165,7 +176,7 @@ def draw(results, rows, baseline="dpo"):
             axes[1].bar(xs, [r["step"][name]["tokens_per_s"] for r in results], width, label=name)
             if all("memory" in r for r in results):
                 axes[2].bar(xs, [r["memory"][name]["peak_over_start_mb"] for r in results], width, label=name)
-        for ax, title in zip(axes, ["training_step median (s)", "tokens / s", "peak RSS over start (MiB)"]):
+        for ax, title in zip(axes, ["training_step median (s)", "tokens / s", "peak memory over start (MiB)"]):
             ax.set_xticks([k + 0.4 - width / 2 for k in range(len(sizes))], sizes)
             ax.set_title(title)
             ax.set_yscale("log")
@@ -174,9 +185,21 @@ def draw(results, rows, baseline="dpo"):
             ratio = r["ratios"].get(f"qrpo/{baseline}", {}).get("median_of_ratios")
             if ratio:
                 axes[0].annotate(f"QRPO/DPO {ratio:.3f}", (k, r["step"][baseline]["median"]), fontsize=8)
-        fig.suptitle("QRPOTrainer vs DPOTrainer, same model, data and batch (CPU)")
+        fig.suptitle(f"QRPOTrainer vs DPOTrainer, same model, data and batch ({device}, {dtype})")
 
     return _draw
+
+
+def print_checks(results: list[dict]) -> None:
+    for r in results:
+        zero, error = r["checks"]["step0_logratio"], r["checks"]["logprob_error_vs_fp64"]
+        logratio = "exactly 0" if zero["exactly_zero"] else f"max |x| {zero['max_abs']:.3g}"
+        print(
+            f"{r['size']}: step-0 log-ratio {logratio} over {zero['sequences']} sequences; "
+            "QRPO sequence log-probs vs a float64 forward: max error "
+            f"{error['max']:.3g} nats",
+            flush=True,
+        )
 
 
 def main(argv=None):
@@ -184,6 +207,7 @@ def main(argv=None):
     machine, results, load = common.run_sizes(args.sizes, lambda size: run_size(size, args))
     rows = table_rows(results)
     common.print_table(rows, COLUMNS, title="QRPO vs DPO, one training step (forward, reference forward, backward)")
+    print_checks(results)
     verdicts = []
     for r in results:
         ratio = r["ratios"]["qrpo/dpo"]
@@ -211,7 +235,7 @@ def main(argv=None):
         args,
         machine,
         load,
-        draw(results, rows),
+        draw(results, rows, args.device, args.dtype),
         gradient_checkpointing=args.gradient_checkpointing,
         results=results,
         table=rows,

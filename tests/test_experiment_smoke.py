@@ -1,7 +1,8 @@
 """Smoke test of experiments/run.py: the whole pipeline (references, scores, pairs, pi_ref evaluation, QRPO / DPO /
 SimPO / REBEL training and evaluation, a QRPO sweep run, tables and plots) with the tiny offline model, then a
-second invocation that must find everything done (resume)."""
+second invocation that must find everything done (resume); and the configuration: profiles, flags, committed files."""
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 RUN = REPO / "experiments" / "run.py"
+CONFIG = str(REPO / "experiments" / "config.yaml")
 
 REWARD_MODULE = '''
 def letter_e(prompts, completions, **kwargs):
@@ -22,10 +24,20 @@ def letter_e(prompts, completions, **kwargs):
 
 
 def _load_run_module():
+    """experiments/run.py as a module; it puts experiments/ on sys.path, so `config`, `plan`, `runs` import after."""
     spec = importlib.util.spec_from_file_location("experiment_run", RUN)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _flags(**options) -> list[str]:
+    """Command-line flags: lists as several values, dicts as YAML."""
+    argv = []
+    for name, value in options.items():
+        values = value if isinstance(value, list) else [value]
+        argv += [f"--{name}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in values)]
+    return argv
 
 
 @pytest.mark.slow
@@ -34,21 +46,14 @@ def test_experiment_pipeline_quick(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     run = _load_run_module()
     work, results = tmp_path / "work", tmp_path / "results"
-    argv = [
-        "--quick",
-        "--model",
-        str(tiny_model_dir),
-        "--work_dir",
-        str(work),
-        "--results_dir",
-        str(results),
-        "--set",
-        "reward=smoke_reward_e:letter_e",
-        "--set",
-        "sweep.transforms={log: [0.1]}",
-        "--set",
-        "sweep.num_ref_rewards=[1]",
-    ]
+    argv = ["--quick"] + _flags(
+        model=tiny_model_dir,
+        work_dir=work,
+        results_dir=results,
+        reward="smoke_reward_e:letter_e",
+        sweep_transforms={"log": [0.1]},
+        sweep_num_ref_rewards=[1],
+    )
     assert run.main(argv) == 0
 
     summary = json.loads((results / "results.json").read_text())
@@ -77,37 +82,70 @@ def test_experiment_pipeline_quick(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_comparison_profile_is_the_main_group_with_fewer_references():
     run = _load_run_module()
-    config = str(REPO / "experiments" / "config.yaml")
-    full, comparison = run.load_config(config, None, []), run.load_config(config, "comparison", [])
-    assert comparison["groups"] == ["main"] and full["groups"][0] == "main" and len(full["groups"]) > 1
-    assert comparison["references"]["num_ref_rewards"] < full["references"]["num_ref_rewards"]
-    assert comparison["references"]["num_candidates"] == full["references"]["num_candidates"]
-    assert comparison["work_dir"] != full["work_dir"] and comparison["results_dir"] != full["results_dir"]
-    specs = run.run_specs(comparison)
-    assert len(specs) == len(run.METHODS) * len(comparison["eval"]["seeds"])
-    n = comparison["references"]["num_ref_rewards"]
+    from config import METHODS, load_config
+    from plan import run_specs
+
+    full, comparison = load_config(CONFIG), load_config(CONFIG, "comparison")
+    assert comparison.groups == ["main"] and full.groups[0] == "main" and len(full.groups) > 1
+    assert comparison.references_num_ref_rewards < full.references_num_ref_rewards
+    assert comparison.references_num_candidates == full.references_num_candidates
+    assert comparison.work_dir != full.work_dir and comparison.results_dir != full.results_dir
+    specs = run_specs(comparison)
+    assert len(specs) == len(METHODS) * len(comparison.eval_seeds)
+    n = comparison.references_num_ref_rewards
     assert all(s["num_ref_rewards"] == n for s in specs if s["method"] == "qrpo")
     with pytest.raises(SystemExit):
         run.main(["--quick", "--comparison", "--report_only"])
     sys.modules.pop("experiment_run", None)
 
 
+def test_options_flags_and_files():
+    """Every option is documented and has a default; flags override the file and its profile; a config file in the
+    nested layout of earlier versions loads the same as its flat names."""
+    _load_run_module()
+    from config import ExperimentConfig, RunOptions, flatten, load_config
+
+    for cls in (ExperimentConfig, RunOptions):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f.name
+            assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, f.name
+    assert load_config(CONFIG) == ExperimentConfig()  # the file holds the profiles only: the defaults are the run
+    quick = load_config(CONFIG, "quick", ("--train_epochs", "3", "--sweep_transforms", "{log: [0.3]}"))
+    assert quick.train_epochs == 3 and quick.sweep_transforms == {"log": [0.3]}
+    assert quick.split_num_train < ExperimentConfig().split_num_train  # the profile, under the flags
+    names = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    nested = {"train": {"epochs": 2, "lora": {"r": 4}}, "frontier_sweep": {"betas": {"dpo": [1]}}}
+    assert flatten(nested, names) == {"train_epochs": 2, "train_lora": {"r": 4}, "frontier_sweep_betas_dpo": [1]}
+
+
+def test_committed_frontier_config_is_the_frontier_profile():
+    """docs/experiments/frontier/config.yaml (written by report.py for the committed frontier results, threads set
+    to 2 for that run) loads back to what --frontier runs."""
+    _load_run_module()
+    from config import load_config
+
+    committed = load_config(REPO / "docs" / "experiments" / "frontier" / "config.yaml")
+    assert committed == load_config(CONFIG, "frontier", ("--threads", committed.threads))
+
+
 def test_frontier_profile_run_specs():
     """The --frontier plan: every method x beta x seed on the pairs, the pointwise QRPO group, the matching rule."""
     run = _load_run_module()
-    config = str(REPO / "experiments" / "config.yaml")
-    full, frontier = run.load_config(config, None, []), run.load_config(config, "frontier", [])
-    assert frontier["groups"] == ["frontier", "pointwise"]
-    assert frontier["results_dir"] == str(REPO / "docs" / "experiments" / "frontier")
-    assert frontier["work_dir"] not in (full["work_dir"], run.load_config(config, "comparison", [])["work_dir"])
-    seeds, grid = frontier["eval"]["seeds"], frontier["frontier_sweep"]
+    from config import METHODS, load_config
+    from plan import run_id, run_specs, train_steps
+
+    full, frontier = load_config(CONFIG), load_config(CONFIG, "frontier")
+    assert frontier.groups == ["frontier", "pointwise"]
+    assert frontier.results_dir == str(REPO / "docs" / "experiments" / "frontier")
+    assert frontier.work_dir not in (full.work_dir, load_config(CONFIG, "comparison").work_dir)
+    seeds = frontier.eval_seeds
     assert len(seeds) >= 2
-    specs = run.run_specs(frontier)
-    ids = [run.run_id(s) for s in specs]
+    specs = run_specs(frontier)
+    ids = [run_id(s) for s in specs]
     assert len(ids) == len(set(ids))
     by_key = {(s["method"], s.get("data", "pairs"), s["beta"], s["seed"]): s for s in specs}
-    for method in run.METHODS:
-        betas = grid["betas"][method]
+    for method in METHODS:
+        betas = frontier.frontier_betas(method)
         assert len(set(betas)) >= 5
         for beta in betas:
             for seed in seeds:
@@ -118,21 +156,21 @@ def test_frontier_profile_run_specs():
     pointwise = [s for s in specs if s.get("data") == "pointwise"]
     assert all(s["method"] == "qrpo" and s["groups"] == ["pointwise"] for s in pointwise)
     assert {(s["beta"], s["seed"]) for s in pointwise} == {
-        (float(b), s) for b in grid["pointwise_betas"] for s in seeds
+        (b, s) for b in frontier.frontier_sweep_pointwise_betas for s in seeds
     }
-    assert all(run.run_id(s).startswith("qrpo-pointwise-") for s in pointwise)
-    n_pairs = sum(len(grid["betas"][m]) for m in run.METHODS) * len(seeds)
-    assert len(specs) == n_pairs + len(grid["pointwise_betas"]) * len(seeds)
+    assert all(run_id(s).startswith("qrpo-pointwise-") for s in pointwise)
+    n_pairs = sum(len(frontier.frontier_betas(m)) for m in METHODS) * len(seeds)
+    assert len(specs) == n_pairs + len(frontier.frontier_sweep_pointwise_betas) * len(seeds)
     # Matching rule: the pointwise run takes the pair runs' steps with 2 x batch rows per step (a pair = 2 sequences);
     # with every prompt paired, that is exactly one epoch over all num_candidates samples of each prompt.
-    prompts, t, C = frontier["split"]["num_train"], frontier["train"], frontier["references"]["num_candidates"]
-    steps = run.train_steps(frontier, prompts)
-    assert steps > run.train_steps(full, prompts)  # longer than the comparison's 12 steps
-    assert steps * 2 * t["batch_size"] == prompts * C
+    prompts, C = frontier.split_num_train, frontier.references_num_candidates
+    steps = train_steps(frontier, prompts)
+    assert steps > train_steps(full, prompts)  # longer than the comparison's 12 steps
+    assert steps * 2 * frontier.train_batch_size == prompts * C
     # the other profiles' plans and run ids are unchanged
-    full_ids = [run.run_id(s) for s in run.run_specs(full)]
+    full_ids = [run_id(s) for s in run_specs(full)]
     assert len(full_ids) == 27 and "qrpo-identity-b0.1-n50-s0" in full_ids
-    assert not any("data" in s for s in run.run_specs(full))
+    assert not any("data" in s for s in run_specs(full))
     with pytest.raises(SystemExit):
         run.main(["--frontier", "--comparison", "--report_only"])
     # the report's reading of a frontier at fixed KL: linear between the bracketing betas, None outside
@@ -155,22 +193,28 @@ def test_experiment_frontier_tiny(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     run = _load_run_module()
     work, results = tmp_path / "work", tmp_path / "results"
-    argv = ["--frontier", "--model", str(tiny_model_dir), "--work_dir", str(work), "--results_dir", str(results)]
-    for item in (
-        "reward=smoke_reward_e:letter_e",
-        "split.num_train=8",
-        "split.num_eval=4",
-        "references.num_ref_rewards=6",
-        "references.max_new_tokens=12",
-        "references.batch_size=32",
-        "references.chunk_size=4",
-        "eval.max_new_tokens=12",
-        "frontier_sweep.betas={qrpo: [0.1, 0.03], dpo: [0.1], simpo: [2.5], rebel: [0.2]}",
-        "frontier_sweep.pointwise_betas=[0.1]",
-        "frontier_sweep.kl_grid=[0.0001]",
-    ):
-        argv += ["--set", item]
+    argv = ["--frontier"] + _flags(
+        model=tiny_model_dir,
+        work_dir=work,
+        results_dir=results,
+        reward="smoke_reward_e:letter_e",
+        split_num_train=8,
+        split_num_eval=4,
+        references_num_ref_rewards=6,
+        references_max_new_tokens=12,
+        references_batch_size=32,
+        references_chunk_size=4,
+        eval_max_new_tokens=12,
+        frontier_sweep_betas_qrpo=[0.1, 0.03],
+        frontier_sweep_betas_dpo=[0.1],
+        frontier_sweep_betas_simpo=[2.5],
+        frontier_sweep_betas_rebel=[0.2],
+        frontier_sweep_pointwise_betas=[0.1],
+        frontier_sweep_kl_grid=[0.0001],
+    )
     assert run.main(argv) == 0
+    from config import ExperimentConfig, load_config
+    from plan import train_steps
 
     pairs, pointwise = load_from_disk(str(work / "pairs")), load_from_disk(str(work / "pointwise"))
     scored = load_from_disk(str(work / "scored"))
@@ -183,7 +227,8 @@ def test_experiment_frontier_tiny(tiny_model_dir, tmp_path, monkeypatch):
     results_by_id = {p.parent.name: json.loads(p.read_text()) for p in (work / "runs").glob("*/result.json")}
     assert len(results_by_id) == (2 + 1 + 1 + 1 + 1) * 2
     pair_steps = {r["train"]["steps"] for r in results_by_id.values() if r["train"]["data"] == "pairs"}
-    assert pair_steps == {run.train_steps(json.loads((work / "config.json").read_text()), len(pairs))}
+    ran = ExperimentConfig(**json.loads((work / "config.json").read_text()))
+    assert pair_steps == {train_steps(ran, len(pairs))}
     assert pair_steps == {2 * -(-len(pairs) // 4)}  # 2 epochs of batches of 4 pairs
     for rid in ("qrpo-pointwise-identity-b0.1-n6-s0", "qrpo-pointwise-identity-b0.1-n6-s1"):
         train = results_by_id[rid]["train"]
@@ -208,7 +253,7 @@ def test_experiment_frontier_tiny(tiny_model_dir, tmp_path, monkeypatch):
         assert (results / name).stat().st_size > 0
     assert not (results / "main.csv").exists()  # the comparison's tables belong to other profiles
     # the exact configuration beside the results: loading it again gives the configuration that ran
-    assert run.load_config(str(results / "config.yaml"), None, []) == json.loads((work / "config.json").read_text())
+    assert load_config(results / "config.yaml") == ran
     table = (results / "frontier_table.md").read_text()
     assert "QRPO pointwise (all samples) | 0.1 | 2 |" in table and "KL = 0.0001" in table
 
@@ -218,6 +263,7 @@ def test_experiment_frontier_tiny(tiny_model_dir, tmp_path, monkeypatch):
     sys.modules.pop("experiment_run", None)
 
 
+@pytest.mark.slow  # starts a subprocess
 def test_auto_threads_sees_other_processes_now():
     """threads: auto counts the cores other processes use now (not this process's own work, not the lagging load
     average): a child spinning on one core is seen, and with it busy `auto` takes 1 thread."""
@@ -225,14 +271,18 @@ def test_auto_threads_sees_other_processes_now():
 
     import torch
 
-    run = _load_run_module()
+    _load_run_module()
+    import runs
+
     threads = torch.get_num_threads()
-    spinner = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"])
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"]
+    )
     try:
         time.sleep(0.5)
-        assert run.busy_cores_of_others(interval=1.0) >= 0.5
-        assert run.set_threads("auto") == 1
-        assert run.set_threads(2) == 2
+        assert runs.busy_cores_of_others(interval=1.0) >= 0.5
+        assert runs.set_threads("auto") == 1
+        assert runs.set_threads(2) == 2
     finally:
         spinner.kill()
         spinner.wait()

@@ -1,8 +1,9 @@
-"""The GPU benchmark (benchmarks/gpu/run_h200.py) in its CPU smoke mode: every stage runs, its JSON holds the checks.
+"""The GPU benchmark script (benchmarks/gpu/run.sh) rehearsed on the CPU: the same script, the same benchmarks, with
+DEVICE=cpu, the tiny model, the smoke workloads and the GPU's dtype (bfloat16 weights and autocast).
 
-No timing is asserted (CPU timings of a 4M model say nothing about an H200); what is asserted are the properties that
-hold on any machine: the step-0 log-ratio is exactly 0 (policy == reference), QRPO's sequence log-probs are within
-1e-3 nats of an fp64 recomputation, every ratio and throughput is there and positive.
+No timing is asserted (CPU timings of a 4M model say nothing about a GPU); what is asserted holds on any machine:
+every benchmark wrote its results into the folder given, in the dtype asked for, QRPO's step-0 log-ratio is exactly 0
+(policy == reference) and its log-probs were checked against a float64 forward.
 """
 
 import json
@@ -13,64 +14,56 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "run_h200.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu" / "run.sh"
+BENCHMARKS = ("train_step", "precompute", "generation")
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("gpu-smoke")
-    env = os.environ.copy()
-    env.pop("OUT", None)  # the device tool's output folder must not redirect the test's files
-    env["TRL_QRPO_BENCH_CACHE"] = str(out / "cache")
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--out-dir", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-rehearsal")
+    env = dict(
+        os.environ,
+        PYTHON=sys.executable,
+        DEVICE="cpu",
+        DTYPE="bfloat16",
+        SIZES="tiny",
+        TRAIN_ARGS="--smoke --e2e-steps 0",
+        GEN_ARGS="--smoke",
+        CUDA_VISIBLE_DEVICES="",
+        WHEEL_DIR=str(out / "no-wheels"),  # the installed packages, not carried wheels
+        TRL_QRPO_BENCH_CACHE=str(out / "cache"),
+        MPLBACKEND="Agg",
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return json.loads((out / "smoke.json").read_text()), (out / "smoke.md").read_text(), proc.stdout
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), str(out / "results")], capture_output=True, text=True, env=env, timeout=1200
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out / "results"
 
 
 @pytest.mark.slow
-def test_smoke_runs_every_stage(smoke):
-    payload, markdown, stdout = smoke
-    assert payload["errors"] == [] and payload["skipped"] == []
-    assert payload["environment"]["gpu"] is None  # smoke mode hides any GPU: CPU only
-    assert set(payload["steps"]) == set(payload["memory"]) == set(payload["generation"]) == {"tiny"}
-    assert "time / DPO" in markdown and "time / DPO" in stdout
+def test_every_benchmark_wrote_its_results(run_dir):
+    for bench in BENCHMARKS:
+        payload = json.loads((run_dir / f"{bench}-tiny.json").read_text())
+        assert payload["args"]["device"] == "cpu" and payload["args"]["dtype"] == "bfloat16"
+        assert payload["machine"]["gpu"] is None
+    assert "== generation tiny" in (run_dir / "run.log").read_text()
 
 
 @pytest.mark.slow
-def test_smoke_ratios_and_throughput(smoke):
-    payload, _, _ = smoke
-    summary = payload["summary"]["tiny"]
-    assert summary["step_ratio"] > 0 and summary["memory_ratio"] > 0
-    assert summary["memory_measure"].startswith("RSS")  # on the CPU: marked as RSS, not the CUDA allocator
-    steps = payload["steps"]["tiny"]
-    assert set(steps["step"]) == {"dpo", "qrpo"}
-    assert len(steps["step"]["qrpo"]["times"]) == payload["args"]["steps"]
-    assert all(summary["tokens_per_s"][name] > 0 for name in ("dpo", "qrpo"))
-    gen = payload["generation"]["tiny"]
-    short, full = gen["runs"]
-    assert full["tokens"] > short["tokens"] > 0 and full["sequences"] == short["sequences"]
-    assert gen["tokens_per_s_end_to_end"] > 0
-    assert gen["tokens_per_s_decode"] is None or gen["tokens_per_s_decode"] > 0
+def test_training_in_bf16_checks_and_ratios(run_dir):
+    for bench, ratio in (("train_step", "qrpo/dpo"), ("precompute", "qrpo_pre/qrpo")):
+        result = json.loads((run_dir / f"{bench}-tiny.json").read_text())["results"][0]
+        checks = result["checks"]
+        assert checks["step0_logratio"]["exactly_zero"] is True and checks["step0_logratio"]["max_abs"] == 0.0
+        error = checks["logprob_error_vs_fp64"]
+        assert len(error["per_sequence"]) == checks["step0_logratio"]["sequences"]
+        assert 0 < error["max"] < float("inf")  # bf16 against fp64: a rounding error, finite
+        assert result["ratios"][ratio]["median_of_ratios"] > 0
+        assert all(memory["measure"].startswith("RSS") for memory in result["memory"].values())
 
 
 @pytest.mark.slow
-def test_smoke_step0_and_logprob_checks(smoke):
-    payload, _, _ = smoke
-    checks = payload["steps"]["tiny"]["checks"]
-    assert checks["step0_logratio"]["exactly_zero"] is True and checks["step0_logratio"]["max_abs"] == 0.0
-    # DPO's and QRPO's own step-0 metrics (beta * log-ratio) agree: exactly 0 too
-    for metrics in payload["steps"]["tiny"]["step0_metrics"].values():
-        assert metrics["rewards/chosen"] == 0.0 and metrics["rewards/rejected"] == 0.0
-    errors = checks["logprob_error_nats"]
-    sequences = checks["step0_logratio"]["sequences"]
-    assert all(len(e["per_sequence"]) == sequences for e in errors.values())
-    assert errors["from_bf16_logits"]["max"] < 1e-3
-    assert payload["summary"]["tiny"]["logprob_error_met"] is True
-    # the fp64 references are independent recomputations: the whole-model fp64 forward differs from the bf16 run
-    assert errors["fp64_forward"]["max"] > 0
+def test_generation_in_bf16(run_dir):
+    result = json.loads((run_dir / "generation-tiny.json").read_text())["results"][0]
+    assert result["runs"]["generate_refs"]["tokens"] > 0 and result["ratio_tokens_per_s"] > 0

@@ -1,43 +1,28 @@
 #!/usr/bin/env bash
-# Fetch, on a machine with PyPI, the wheels that the H200 image lacks, into <repo>/.whl (ignored by git), so that
-# benchmarks/gpu/run_h200.sh can install them there (no network on that machine).
+# Fetch, on a machine with PyPI, the wheels that a GPU machine without network lacks, into <repo>/.whl (ignored by
+# git), so that benchmarks/gpu/run.sh can install them there.
 #
-#   bash benchmarks/gpu/fetch_wheels.sh                 # cp312 set for the H200 (Python 3.12)
-#   PY_VERSION=3.11 WHEEL_DIR=/tmp/whl311 bash benchmarks/gpu/fetch_wheels.sh   # same set for a local 3.11 rehearsal
+#   bash benchmarks/gpu/fetch_wheels.sh                                          # cp312 wheels (Python 3.12)
+#   PY_VERSION=3.11 WHEEL_DIR=/tmp/whl311 bash benchmarks/gpu/fetch_wheels.sh   # the same set for Python 3.11
 #
-# What the image already has (KINDS.md, checked 2026-11): torch 2.11, transformers 5.17.0, accelerate 1.15.0,
-# huggingface_hub 1.33.0, tokenizers, safetensors, numpy, pandas, pyarrow, fsspec, xxhash, psutil, pyyaml, jinja2,
-# tqdm, requests, scipy. Missing: trl, datasets and the two datasets dependencies dill and multiprocess; and this
-# package. Every wheel here is pure Python (about 2 MiB in all): pyarrow (55 MiB) and transformers (12 MiB) are not
-# carried, the image's are used (see benchmarks/gpu/README.md for the version checks behind that).
+# The set assumes an image with torch, accelerate, huggingface_hub, tokenizers, safetensors, numpy, pandas, pyarrow,
+# fsspec, xxhash, psutil, pyyaml, jinja2, tqdm and requests, and a transformers older than this package's floor:
+# transformers (the version the tests run on), trl, datasets with its two pure-Python dependencies dill and
+# multiprocess, and this package. All pure Python: about 15 MiB (transformers 13 MiB), see benchmarks/gpu/README.md.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 PYTHON=${PYTHON:-python3}
 PY_VERSION=${PY_VERSION:-3.12}
 WHEEL_DIR=${WHEEL_DIR:-$REPO/.whl}
-# One version of each: two versions of one package stop the whole `pip install .whl/*.whl` there.
-# datasets 5.2.0 (the version tested here) needs pyarrow>=24 and fsspec<=2026.9.0 from the image (the run lists what
-# is unmet under environment.unmet_requirements of its JSON); DATASETS_VERSION=... picks another one.
-PACKAGES=(trl==1.16.0 "datasets==${DATASETS_VERSION:-5.2.0}" dill==0.4.1 multiprocess==0.70.19)
-
-exclude="$REPO/.git/info/exclude"
-if [ -d "$REPO/.git/info" ] && ! grep -qxF '/.whl/' "$exclude" 2>/dev/null; then
-    echo '/.whl/' >>"$exclude"
-fi
+# One version of each (two versions of one package stop `pip install .whl/*.whl`). datasets 4.8.0 needs pyarrow>=21,
+# as trl does (5.x needs pyarrow>=24, newer than some images have); pyarrow itself (55 MiB) is not carried.
+PACKAGES=(transformers==5.24.0 trl==1.16.0 datasets==4.8.0 dill==0.4.1 multiprocess==0.70.19)
 
 rm -rf "$WHEEL_DIR"
 mkdir -p "$WHEEL_DIR"
 "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$WHEEL_DIR" "${PACKAGES[@]}"
-
-# A fallback datasets for an image whose pyarrow is older than datasets 5.2.0 wants (>= 24): run_h200.sh installs it
-# instead of .whl/datasets-*.whl there (datasets 4.8.0 needs pyarrow >= 21). Outside the .whl/*.whl glob on purpose.
-if [ -z "${DATASETS_VERSION:-}" ]; then
-    "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
-        -d "$WHEEL_DIR/fallback" datasets==4.8.0
-fi
+    --platform manylinux2014_x86_64 -d "$WHEEL_DIR" "${PACKAGES[@]}"
 
 # This package as the working tree has it (tracked and untracked-not-ignored files), built from a copy: the build
 # writes build/ and egg-info next to its sources.
@@ -48,6 +33,5 @@ trap 'rm -rf "$build"' EXIT
     xargs -0 cp --parents -t "$build")
 "$PYTHON" -m pip wheel --no-deps -q -w "$WHEEL_DIR" "$build"
 
-echo "wheels in $WHEEL_DIR:"
-ls -lR "$WHEEL_DIR"
-du -ch "$WHEEL_DIR"/*.whl "$WHEEL_DIR"/fallback/*.whl 2>/dev/null | tail -1
+ls -l "$WHEEL_DIR"
+du -ch "$WHEEL_DIR"/*.whl | tail -1
