@@ -1,11 +1,11 @@
 # trl-qrpo: the two commands of a first hour, and the set-up they share.
 #
-#   make quickstart   set up (once), then QRPO on SmolLM2-135M-Instruct with a sentiment reward: offline, CPU
-#   make test         set up (once), then the test suite: offline, CPU
-#   make setup        only the set-up: .venv with PyTorch (CPU build), trl-qrpo and the offline assets
+#   make quickstart   set up what it uses (once), then QRPO on SmolLM2-135M-Instruct with a sentiment reward: offline
+#   make test         set up everything (once), then the test suite: offline, CPU
+#   make setup        only the full set-up: .venv with PyTorch (CPU build), trl-qrpo, its test extras, offline assets
 #
 # Variables: VENV (default .venv), PYTHON (the interpreter that creates it, default python3, 3.10+),
-# SETUP_OPTIONAL=0 (skip the optional vLLM and sandbox set-ups),
+# SETUP_OPTIONAL=0 (skip the optional vLLM and sandbox set-ups of `make setup` / `make test`),
 # TORCH_INDEX_URL (see tools/setup_env.sh), QUICKSTART_ARGS (e.g. "--small", or an output folder),
 # PYTEST_ARGS (e.g. PYTEST_ARGS='-m "not slow"' or PYTEST_ARGS=tests/test_docs.py).
 
@@ -30,7 +30,10 @@ help:
 setup:
 	@VENV="$(VENV)" PYTHON="$(PYTHON)" TORCH="$(TORCH)" bash tools/setup_env.sh
 
-quickstart: setup
+# The quick start sets up only what it uses (tools/setup_env.sh's quickstart profile: no test or DeepSpeed extras,
+# no vLLM environment); a full set-up, when done, serves it as well.
+quickstart:
+	@VENV="$(VENV)" PYTHON="$(PYTHON)" TORCH="$(TORCH)" SETUP_PROFILE=quickstart bash tools/setup_env.sh
 	@echo "[quickstart] bash recipes/quickstart/run.sh $(QUICKSTART_ARGS)   (with $(VENV)/bin first on PATH, offline)"
 	@$(ACTIVATE) $(OFFLINE) PYTHON="$(VENV)/bin/python" bash recipes/quickstart/run.sh $(QUICKSTART_ARGS)
 

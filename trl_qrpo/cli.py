@@ -136,11 +136,59 @@ def env_cli(argv: list[str], prog: str) -> int:
     return 0
 
 
+# QRPO's own options, listed first in `trl qrpo --help` (the full list, ~900 lines, is mostly TrainingArguments'):
+# option -> one line. Defaults are read from the dataclasses, so they cannot drift; tests/test_cli.py checks that
+# every field QRPOConfig adds to DPOConfig (and every QRPO option of the script) is here.
+QRPO_OPTIONS_HELP = {
+    "beta": "KL coefficient: the policy may move about 1/beta nats from the reference",
+    "transform": "f of the quantile: identity, log, square, sqrt, normal-icdf, ..., or module:function",
+    "transform_kwargs": "parameters of the transform, as JSON",
+    "loss_type": "regression loss: mse (the paper's) or mae; rebel, a pairwise baseline",
+    "partition_mode": "log Z of a uniform quantile (continuous) or of one from n references (discrete)",
+    "num_ref_rewards": "use the first n reference rewards of each row (None: all)",
+    "ties": "a reward tied with references: le (the paper's), midrank or random",
+    "sample_selector": "paired data: train on both sides, chosen, rejected or random",
+    "self_inclusion": "a completion among its own references: leave_one_out or keep",
+    "normalize_beta_by_length": "beta / completion length, per completion",
+    "normalize_loss_by_length": "each completion's loss divided by its length",
+    "check_ref_logps": "rows with stored reference log-probs: recompute this many at start (0: off)",
+    "ref_logps_tolerance": "the difference (nats per sequence) above which that check warns",
+    "cast_rewards_to_float": "rewards stored as text ('0.5') cast to numbers; a bad value is named",
+}
+
+
+def _qrpo_options_help() -> list[str]:
+    """The lines of `QRPO_OPTIONS_HELP`, each option with its default (from QRPOConfig and the script's arguments)."""
+    import dataclasses
+
+    from trl_qrpo import QRPOConfig
+    from trl_qrpo.scripts.qrpo import ScriptArguments
+
+    defaults = {}
+    for cls in (QRPOConfig, ScriptArguments):
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = f.default_factory()
+    shown = {name: defaults.get(name) for name in QRPO_OPTIONS_HELP}
+    shown = {name: value[0] if isinstance(value, list) and len(value) == 1 else value for name, value in shown.items()}
+    width = max(len(f"--{name} {value}") for name, value in shown.items()) + 2
+    return [f"  {f'--{name} {value}':<{width}}{QRPO_OPTIONS_HELP[name]}" for name, value in shown.items()]
+
+
 def _description(prog: str) -> str:
     names = sorted(get_subcommands())
     help_lines = _subcommand_help()
     lines = [
         "Train a policy with Quantile Reward Policy Optimization (QRPO, arXiv:2507.08068).",
+        "",
+        "QRPO's own options (flag, default, meaning; all are described in full with the others below):",
+        *_qrpo_options_help(),
+        "",
+        "The essentials: --model_name_or_path (a Hub id or a folder), --dataset_name (a Hub id, a save_to_disk",
+        "folder, or a .jsonl/.json/.parquet/.csv file with rewards and ref_rewards), --output_dir; checkpoints:",
+        '--save_strategy steps (every --save_steps 500 and at the end; "no" for none).',
         "",
         f"The training script runs under `accelerate launch`, as `trl dpo` does: {prog} --config recipe.yaml",
         "takes every option below, and any option these do not know goes to accelerate",

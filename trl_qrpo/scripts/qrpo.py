@@ -60,6 +60,92 @@ def _get_split(dataset, split: str, argument: str):
     return dataset[split]
 
 
+def _reward_columns() -> tuple[str, ...]:
+    """The columns `--cast_rewards_to_float` casts: every reward column training reads, and their aliases."""
+    from trl_qrpo.columns import ALIASES, COMPLETION_COLUMNS, REF_REWARDS, reward_column
+
+    names = [*(reward_column(side) for side in COMPLETION_COLUMNS), REF_REWARDS]
+    return tuple(alias for name in names for alias in (name, *ALIASES.get(name, ())))
+
+
+def _float_feature(feature):
+    """`feature` with every leaf `Value` made float64: `Value('string')` -> `Value('float64')`, a list of them -> a
+    list of float64, keeping the list type (List, LargeList) and a fixed length."""
+    from datasets import LargeList, List, Value
+
+    if isinstance(feature, Value):
+        return Value("float64")
+    if isinstance(feature, LargeList):
+        return LargeList(_float_feature(feature.feature))
+    if isinstance(feature, List):
+        return List(_float_feature(feature.feature), length=feature.length)
+    raise ValueError(f"holds {feature!r}: only numbers, text or lists of them can be cast to float")
+
+
+def _first_unreadable(values) -> tuple[int, object] | None:
+    """The first (row, value) of a column that Arrow cannot read as a float64 (the same parser `cast_column` uses)."""
+    import pyarrow as pa
+
+    for row, value in enumerate(values):
+        for item in value if isinstance(value, list) else [value]:
+            if item is None:
+                continue
+            try:
+                pa.scalar(item).cast(pa.float64())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                return row, item
+    return None
+
+
+def cast_rewards_to_float(dataset):
+    """
+    QRPO: `--cast_rewards_to_float`. Reward columns stored as text (e.g. `"0.5"`, as a .csv or a hand-written .jsonl
+    holds them) are cast to float64 with datasets' `cast_column`, in every split: `reward`, `chosen_reward`,
+    `rejected_reward`, `ref_rewards` and their accepted aliases (`trl_qrpo.columns.ALIASES`), whichever the data set
+    has. Missing values stay missing (training then names them). A value that is not a number is an error that names
+    its column, split and row; it is raised here, before any model loads.
+    """
+    import pyarrow as pa
+
+    splits = dataset.items() if hasattr(dataset, "items") else [(None, dataset)]
+    cast = {}
+    for split, data in splits:
+        features = data.features
+        if features is None:  # a streamed data set whose columns are not known before it is read
+            which = f" of split '{split}'" if split is not None else ""
+            raise ValueError(
+                f"--cast_rewards_to_float: the columns{which} are not known before the data is read (a streamed data "
+                "set): load it without --dataset_streaming, or store the rewards as numbers."
+            )
+        for column in _reward_columns():
+            if column not in features:
+                continue
+            where = f"Column '{column}'" + (f" of split '{split}'" if split is not None else "")
+            try:
+                target = _float_feature(features[column])
+            except ValueError as error:
+                raise ValueError(f"{where} {error}; --cast_rewards_to_float casts rewards only.") from None
+            if target == features[column]:
+                continue
+            try:
+                data = data.cast_column(column, target)
+            except (ValueError, TypeError, NotImplementedError, pa.ArrowException) as error:
+                # Arrow's error names neither the row nor the column: find them.
+                found = _first_unreadable(data[column]) if hasattr(data, "__len__") else None
+                if found is None:
+                    reason = f"--cast_rewards_to_float could not cast it to float64: {error}"
+                    raise ValueError(f"{where}: {reason}") from None
+                row, value = found
+                raise ValueError(
+                    f"{where}, row {row} (0-based): --cast_rewards_to_float cannot read {value!r} as a number. Rewards "
+                    "must be numbers: fix or drop this row (or map the column to numbers) before training."
+                ) from None
+        cast[split] = data
+    if list(cast) == [None]:
+        return cast[None]
+    return type(dataset)(cast)
+
+
 def main(script_args, training_args, model_args, dataset_args):
     import transformers
     from accelerate.logging import get_logger
@@ -111,6 +197,10 @@ def main(script_args, training_args, model_args, dataset_args):
     else:
         raise ValueError("Either `datasets` or `dataset_name` must be provided.")
 
+    # QRPO: rewards stored as text, cast on request (before any model loads, so that a bad value fails fast).
+    if script_args.cast_rewards_to_float:
+        dataset = cast_rewards_to_float(dataset)
+
     # Initialize the QRPO trainer
     trainer = QRPOTrainer(
         model=model_args.model_name_or_path,
@@ -155,13 +245,19 @@ def main(script_args, training_args, model_args, dataset_args):
 @dataclasses.dataclass
 class ScriptArguments(_TrlScriptArguments):
     """
-    TRL's [`~trl.ScriptArguments`] (same fields, same defaults); QRPO: `dataset_name` also takes local data.
+    TRL's [`~trl.ScriptArguments`] (same fields, same defaults); QRPO: `dataset_name` also takes local data, and
+    `cast_rewards_to_float` reads rewards stored as text.
 
     Args:
         dataset_name (`str`, *optional*):
             Hub id of the data set, a folder written by `save_to_disk` (a `DatasetDict`, or a `Dataset` used as the
             train split), or a .json/.jsonl/.parquet/.csv/.arrow file used as the train split. Ignored when
             `datasets` is provided.
+        cast_rewards_to_float (`bool`, *optional*, defaults to `False`):
+            Cast the reward columns (`reward`, `chosen_reward`, `rejected_reward`, `ref_rewards` and their aliases)
+            to float64 with datasets' `cast_column` before training, in every split: for rewards stored as text
+            (`"0.5"`). A value that is not a number is an error naming its column and row. Off by default: text
+            rewards are refused with a hint, never converted silently.
     """
 
     dataset_name: str | None = dataclasses.field(
@@ -170,6 +266,15 @@ class ScriptArguments(_TrlScriptArguments):
             "help": "Hub id of the data set, a folder written by `save_to_disk` (a DatasetDict, or a Dataset used as "
             "the train split), or a .json/.jsonl/.parquet/.csv/.arrow file used as the train split. If `datasets` "
             "is provided, this will be ignored."
+        },
+    )
+    cast_rewards_to_float: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "QRPO: cast the reward columns (reward, chosen_reward, rejected_reward, ref_rewards and their "
+            "aliases) to float64 with datasets' cast_column before training, for rewards stored as text ('0.5'). A "
+            "value that is not a number is an error naming its column and row. Default False: text rewards are "
+            "refused."
         },
     )
 
@@ -185,7 +290,10 @@ def make_parser(
     dataclass_types = (ScriptArguments, QRPOConfig, ModelConfig, DatasetMixtureConfig)
     kwargs = {}
     if description is not None:
-        kwargs.update(description=description, formatter_class=_HelpFormatter)
+        # The command line's help: a short usage line (argparse's own lists all ~300 flags, 160 lines) and the
+        # description, which lists QRPO's own options first.
+        usage = "%(prog)s [--config recipe.yaml] [options below] [accelerate launch options]"
+        kwargs.update(description=description, formatter_class=_HelpFormatter, usage=usage)
     if subparsers is not None:
         parser = subparsers.add_parser(
             "qrpo", help="Run the QRPO training script", dataclass_types=dataclass_types, **kwargs
@@ -199,8 +307,23 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Defaults shown for every option (as HfArgumentParser does) and the description kept as written."""
 
 
+def _quiet_deepspeed_on_cpu() -> None:
+    """DeepSpeed, when installed, logs "Setting accelerator to CPU" whenever it is imported on a machine without an
+    accelerator (transformers imports it to save a model): name the CPU outright there, as DeepSpeed's own
+    `DS_ACCELERATOR` allows. A value already set is kept; with an accelerator nothing is set."""
+    if "DS_ACCELERATOR" in os.environ or importlib.util.find_spec("deepspeed") is None:
+        return
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if not (accelerator.is_available() if accelerator is not None else torch.cuda.is_available()):
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 if __name__ == "__main__":
     from trl_qrpo.distributed import apply_cpu_only_launch_defaults
+
+    _quiet_deepspeed_on_cpu()
 
     parser = make_parser()
     # QRPO: a multi-process launch without a GPU gets ddp_backend="gloo" (DeepSpeed) or use_cpu=True (DDP) as
