@@ -29,8 +29,19 @@ VARIANTS = [
     tc.Variant("qrpo_pre", "qrpo", "paired", precompute=True),
     tc.Variant("dpo", "dpo", "paired", precompute=False),
     tc.Variant("dpo_pre", "dpo", "paired", precompute=True),
+    tc.Variant("qrpo_stored", "qrpo", "paired", stored=True),
 ]
-RATIOS = (("qrpo_pre", "qrpo"), ("dpo_pre", "dpo"), ("qrpo_pre", "dpo_pre"), ("qrpo", "dpo"))
+RATIOS = (
+    ("qrpo_pre", "qrpo"),
+    ("dpo_pre", "dpo"),
+    ("qrpo_pre", "dpo_pre"),
+    ("qrpo", "dpo"),
+    (
+        "qrpo_stored",
+        "dpo",
+    ),  # target <= 0.8 (floor 0.75: one forward+backward instead of those plus a reference forward)
+    ("qrpo_stored", "dpo_pre"),
+)
 
 PRECOMPUTE_S: dict[str, float] = {}
 
@@ -77,9 +88,14 @@ def main(argv=None):
 
     def run_size(size):
         PRECOMPUTE_S.clear()
+        tc.REF_LOGPS_S.clear()
         r = bts.run_size(size, args, VARIANTS, RATIOS)
         sequences = 2 * args.batch_pairs * tc.Workload(size=size).num_batches
         r["precompute_s"] = dict(PRECOMPUTE_S)
+        r["ref_logps_s"] = dict(tc.REF_LOGPS_S)
+        if "qrpo_stored" in r["ref_logps_s"] and "dpo_pre" in r["precompute_s"]:
+            # `ref-logps` rows/s against TRL's precompute pass rows/s (target >= 1): the pass times of the same rows
+            r["ref_logps_vs_trl_precompute"] = r["precompute_s"]["dpo_pre"] / r["ref_logps_s"]["qrpo_stored"]
         r["precompute_s_per_sequence"] = {k: v / sequences for k, v in PRECOMPUTE_S.items()}
         return r
 
@@ -111,7 +127,10 @@ def main(argv=None):
         print(
             f"{r['size']}: QRPO precomputed/on-the-fly step time {q['qrpo_pre/qrpo']['median_of_ratios']:.3f}, "
             f"DPO {q['dpo_pre/dpo']['median_of_ratios']:.3f}; QRPO/DPO both precomputed "
-            f"{q['qrpo_pre/dpo_pre']['median_of_ratios']:.3f}",
+            f"{q['qrpo_pre/dpo_pre']['median_of_ratios']:.3f}; stored reference log-probs / DPO's default (live "
+            f"reference) {q['qrpo_stored/dpo']['median_of_ratios']:.3f} (target <= 0.8), / DPO precomputed "
+            f"{q['qrpo_stored/dpo_pre']['median_of_ratios']:.3f}; `ref-logps` speed / TRL's precompute pass "
+            f"{r.get('ref_logps_vs_trl_precompute', float('nan')):.2f} (target >= 1)",
             flush=True,
         )
 

@@ -38,6 +38,11 @@ class Variant:
     trainer: str  # "dpo" or "qrpo"
     layout: str = "paired"  # "paired" or "pointwise" (QRPO only)
     precompute: bool = False
+    stored: bool = False  # QRPO only: the rows carry reference log-probs (`trl qrpo ref-logps`), no reference model
+
+
+# Seconds `compute_ref_logps` (the `ref-logps` step) took per variant: its throughput against TRL's precompute pass.
+REF_LOGPS_S: dict[str, float] = {}
 
 
 @dataclass
@@ -108,10 +113,26 @@ def build_trainer(variant: Variant, work: Workload, pairs: list[dict], output_di
         )
     else:
         rows = pairs if variant.layout == "paired" else common.pointwise_blocks(pairs, work.batch_pairs)
+        dataset = Dataset.from_list(rows)
+        if variant.stored:  # what `trl qrpo ref-logps` writes, computed here in the same process, timed
+            import time
+
+            from trl_qrpo.precompute import RefLogpsConfig, compute_ref_logps
+
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            reference = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, work.dtype))
+            options = RefLogpsConfig(device=work.device, logprob_batch_size=2 * per_step)
+            start = time.perf_counter()  # the pass itself, as TRL's precompute pass is timed (model loaded)
+            dataset = compute_ref_logps(dataset, options, model=reference, processing_class=tokenizer)
+            synchronize(work.device)
+            REF_LOGPS_S[variant.name] = time.perf_counter() - start
+            del reference
         trainer = QRPOTrainer(
             model=path,
             args=QRPOConfig(**kwargs, beta=1e-3),
-            train_dataset=Dataset.from_list(rows),
+            train_dataset=dataset,
             processing_class=tokenizer,
         )
     trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log dict

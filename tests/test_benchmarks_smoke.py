@@ -65,9 +65,10 @@ def test_bench_precompute(tmp_path, bench_env):
     # memory and train() share bench_train_step's code, checked above
     run("bench_precompute.py", tmp_path, bench_env, "--mem-steps", "0", "--e2e-steps", "0")
     result = load(tmp_path, "precompute")["results"][0]
-    assert set(result["step"]) == {"qrpo", "qrpo_pre", "dpo", "dpo_pre"}
-    assert set(result["precompute_s"]) == {"qrpo_pre", "dpo_pre"}
+    assert set(result["step"]) == {"qrpo", "qrpo_pre", "dpo", "dpo_pre", "qrpo_stored"}
+    assert {"qrpo_pre", "dpo_pre"} <= set(result["precompute_s"])  # qrpo_stored: its start-up check only
     assert "median_of_ratios" in result["ratios"]["qrpo_pre/qrpo"]
+    assert "median_of_ratios" in result["ratios"]["qrpo_stored/dpo"] and result["ref_logps_vs_trl_precompute"] > 0
 
 
 @pytest.mark.slow

@@ -71,7 +71,7 @@ def test_no_arguments_prints_help_instead_of_launching(monkeypatch, capsys):
     assert out.startswith("usage: trl qrpo ") and "  --transform " in out and "trl qrpo prepare-smollm2" in out
 
 
-PRECOMPUTE_COMMANDS = ["build-offpolicy", "evaluate", "generate", "merge", "score"]
+PRECOMPUTE_COMMANDS = ["build-offpolicy", "evaluate", "generate", "merge", "ref-logps", "score", "status"]
 
 
 def test_real_precompute_cli_subcommands_follow_the_contract():

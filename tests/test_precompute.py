@@ -752,3 +752,191 @@ def test_mixed_plain_and_conversational_rows_are_named_before_any_model_loads(tm
     ):
         with pytest.raises(ValueError, match=r"Column 'prompt', row 1 \(0-based; line 2 .*\) is plain text"):
             call()
+
+
+# ---------------------------------------------------------------- one token sequence, reference log-probs
+
+
+@pytest.mark.parametrize("conversational", [True, False], ids=["chatml", "plain"])
+def test_sampled_tokens_and_log_probs_reach_training_unchanged(tiny_model_dir, tmp_path, conversational):
+    """generate keeps each completion's token ids and pi_ref's log-prob of them; training on generate + score output
+    scores exactly those tokens (a truncated sample gets no end-of-turn, a stopped one keeps its stop token), its
+    reference log-probs equal the training forward's (within 1e-4 nats), and no reference model is loaded."""
+    from trl_qrpo import QRPOConfig, QRPOTrainer
+
+    from collections import Counter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    data = conversational_dataset() if conversational else plain_dataset()
+    data = data.remove_columns([c for c in ("completion", "chosen", "rejected") if c in data.column_names])
+    # A second stop token the model often samples (as Llama 3's <|eot_id|> in its generation config), so that
+    # stopped and truncated samples both occur.
+    probe = generate_references(data, GenerateConfig(**dict(GEN, max_new_tokens=4)), model, tokenizer)
+    counts = Counter(t for row in probe["ref_completion_ids"] for ids in row for t in ids)
+    stops = {tokenizer.eos_token_id, counts.most_common(1)[0][0]}
+    model.generation_config.eos_token_id = sorted(stops)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    refs = generate_references(data, GenerateConfig(**dict(GEN, max_new_tokens=4)), model, tokenizer)
+    flags = [t for row in refs["ref_truncated"] for t in row]
+    assert 0 < sum(flags) < len(flags)  # stopped and truncated samples both occur
+    for row in refs:
+        prompt_ids = tokenize_prompt(tokenizer, row)
+        expected = sequence_logps(model, [prompt_ids] * 3, row["ref_completion_ids"], pad_token_id=0)
+        assert row["ref_logps"] == pytest.approx(expected, abs=1e-4)
+        for ids, truncated in zip(row["ref_completion_ids"], row["ref_truncated"], strict=True):
+            assert (ids[-1] in stops) != truncated
+    scored = score_dataset(refs, ScoreConfig(reward_funcs=[length_reward]))
+    args = QRPOConfig(
+        output_dir=str(tmp_path / "out"), bf16=False, use_cpu=True, report_to="none", max_steps=1, beta=0.1
+    )
+    trainer = QRPOTrainer(model=str(tmp_path / "model"), args=args, train_dataset=scored)
+    assert trainer.ref_model is None and len(trainer.train_dataset) == 3 * len(scored)
+    prepared = trainer.train_dataset
+    for i in range(len(prepared)):
+        row, j = divmod(i, 3)
+        sampled = refs[row]["ref_completion_ids"][j]
+        assert prepared[i]["prompt_ids"] + prepared[i]["completion_ids"][0] == (
+            tokenize_prompt(tokenizer, refs[row]) + sampled
+        )
+    recomputed = trainer._reference_log_probs(prepared, "train", 4)
+    assert [r[0] for r in recomputed] == pytest.approx([r[0] for r in prepared["ref_sequence_logps"]], abs=1e-4)
+
+
+@pytest.mark.parametrize("conversational", [True, False], ids=["chatml", "plain"])
+def test_ref_logps_lets_text_pairs_train_without_a_reference_model(tiny_model_dir, tmp_path, conversational):
+    """`ref-logps` scores rows no sampler produced with the trainer's own tokenisation (EOS for plain text, the chat
+    template, max_length truncation): training from them holds no reference model, and the start-up check finds the
+    training forward's values (within 1e-4 nats)."""
+    from trl_qrpo import QRPOConfig, QRPOTrainer
+    from trl_qrpo.precompute import RefLogpsConfig, compute_ref_logps
+
+    n = 4
+    max_length = 40 if conversational else 12  # the ChatML prompts alone are longer than 12 tokens
+    if conversational:
+        data = Dataset.from_dict(
+            {
+                "prompt": [[{"role": "user", "content": p}] for p in PROMPTS[:n]],
+                "chosen": [[{"role": "assistant", "content": "a fine answer"}]] * n,
+                "rejected": [[{"role": "assistant", "content": "bad"}]] * n,
+            }
+        )
+    else:
+        data = plain_dataset(n)
+    data = data.add_column("chosen_reward", [1.0] * n).add_column("rejected_reward", [0.0] * n)
+    data = data.add_column("ref_rewards", [[0.2, 0.5, 0.8]] * n)
+    out = compute_ref_logps(
+        data, RefLogpsConfig(model_name_or_path=str(tiny_model_dir), max_length=max_length, chunk_size=3)
+    )
+    assert {"chosen_ref_logp", "rejected_ref_logp"} <= set(out.column_names)
+    args = QRPOConfig(
+        output_dir=str(tmp_path),
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        max_steps=1,
+        beta=0.1,
+        max_length=max_length,
+    )
+    trainer = QRPOTrainer(model=str(tiny_model_dir), args=args, train_dataset=out)
+    assert trainer.ref_model is None and trainer.precompute_ref_logps
+    prepared = trainer.train_dataset
+    recomputed = trainer._reference_log_probs(prepared, "train", 4)
+    flat = [x for row in recomputed for x in row]
+    assert flat == pytest.approx([x for row in prepared["ref_sequence_logps"] for x in row], abs=1e-4)
+    # On the command line, sharded and merged like the other steps.
+    source = tmp_path / "pairs.jsonl"
+    data.to_json(str(source), lines=True)
+    base = [
+        "--dataset_name",
+        str(source),
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--max_length",
+        str(max_length),
+    ]
+    for index in range(2):
+        argv = base + ["--num_shards", "2", "--shard_index", str(index), "--chunk_size", "2"]
+        assert (
+            SUBCOMMANDS["ref-logps"](argv + ["--output_dir", str(tmp_path / f"s{index}")], "trl qrpo ref-logps") == 0
+        )
+    merged = merge_shards([tmp_path / "s0", tmp_path / "s1"])
+    assert merged["chosen_ref_logp"] == pytest.approx(out["chosen_ref_logp"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_generate_and_ref_logps_under_a_two_process_launcher_equal_one_process(tiny_model_dir, tmp_path):
+    """`torchrun --nproc_per_node 2` runs one shard per process and merges them: the output equals one process's."""
+    import shutil
+    import subprocess
+    import sys
+
+    source = tmp_path / "prompts.jsonl"
+    conversational_dataset().to_json(str(source), lines=True)
+    gen = [f"--{k}={v}" for k, v in GEN.items()] + ["--backend", "transformers"]
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    outputs = {}
+    for name, launcher in (("one", [sys.executable, "-m"]), ("two", [torchrun, "--nproc_per_node", "2", "-m"])):
+        common = ["--model_name_or_path", str(tiny_model_dir)]
+        steps = [
+            ["generate", "--dataset_name", str(source), *gen, "--output_dir", str(tmp_path / name / "refs")],
+            [
+                "ref-logps",
+                "--dataset_name",
+                str(tmp_path / name / "refs"),
+                "--chunk_size",
+                "2",
+                "--output_dir",
+                str(tmp_path / name / "lp"),
+            ],
+        ]
+        for step in steps:
+            result = subprocess.run(
+                [*launcher, "trl_qrpo", *step, *common], capture_output=True, text=True, timeout=600, cwd=tmp_path
+            )
+            assert result.returncode == 0, result.stderr[-3000:]
+        outputs[name] = load_from_disk(str(tmp_path / name / "lp"))
+    one, two = outputs["one"], outputs["two"]
+    assert (tmp_path / "two" / "refs" / "shards").is_dir()
+    assert one["ref_completion_ids"] == two["ref_completion_ids"] and one["prompt"] == two["prompt"]
+    flat = [[x for row in d["ref_logps"] for x in row] for d in (one, two)]
+    assert flat[1] == pytest.approx(flat[0], abs=1e-4)
+    assert two["ref_logp"] == pytest.approx(one["ref_logp"], abs=1e-4)
+
+
+def test_status_names_the_missing_chunks_and_the_command_that_finishes_them(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    real_save = Dataset.save_to_disk
+    calls = {"n": 0}
+
+    def dying_save(self, path, *args, **kwargs):
+        if ".tmp-" in str(path):
+            calls["n"] += 1
+            if calls["n"] == 2:  # killed while writing the second chunk
+                raise KeyboardInterrupt
+        return real_save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Dataset, "save_to_disk", dying_save)
+    monkeypatch.setattr("sys.argv", ["trl", "qrpo", "generate", "--config", "gen.yaml"])
+    with pytest.raises(KeyboardInterrupt):
+        generate_references(
+            conversational_dataset(),
+            GenerateConfig(model_name_or_path=str(tiny_model_dir), output_dir=str(out), **GEN),
+        )
+    monkeypatch.setattr(Dataset, "save_to_disk", real_save)
+    assert SUBCOMMANDS["status"]([str(out)], "trl qrpo status") == 1
+    line = capsys.readouterr().out.strip()
+    chunks = -(-len(conversational_dataset()) // GEN["chunk_size"])
+    assert f"generate: 1 of {chunks} chunks done, missing chunks 1-{chunks - 1}" in line
+    assert f"(rows {GEN['chunk_size']}-{len(conversational_dataset()) - 1})" in line
+    assert line.endswith("Finish with: trl qrpo generate --config gen.yaml")
+    generate_references(
+        conversational_dataset(), GenerateConfig(model_name_or_path=str(tiny_model_dir), output_dir=str(out), **GEN)
+    )
+    assert SUBCOMMANDS["status"]([str(out)], "trl qrpo status") == 0
+    assert "complete" in capsys.readouterr().out
+    assert SUBCOMMANDS["status"]([str(tmp_path)], "trl qrpo status") == 1

@@ -505,3 +505,64 @@ def test_references_without_rewards_name_the_command_that_scores_them(tiny_model
     data = [{"prompt": "The sky is", "ref_completions": [" blue.", " grey."]}]
     with pytest.raises(ValueError, match="trl qrpo score"):
         QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path), train_dataset=as_dataset(data))
+
+
+def _sampled_rows(tiny_model_dir, n=8):
+    """Pointwise rows whose completions come as the token ids they were "sampled" as, with pi_ref's log-prob of them
+    (computed here by trl_qrpo.logps on the prompt as the sampler tokenises it)."""
+    from transformers import AutoTokenizer
+
+    from trl_qrpo.logps import sequence_logps
+    from trl_qrpo.tokenization import tokenize_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    rng = random.Random(1)
+    rows = make_rows(n, paired=False)
+    for row in rows:
+        row["completion_ids"] = [rng.randrange(3, len(tokenizer)) for _ in range(rng.randrange(2, 7))]
+    prompts = [tokenize_prompt(tokenizer, row) for row in rows]
+    logps = sequence_logps(model, prompts, [r["completion_ids"] for r in rows], pad_token_id=tokenizer.pad_token_id)
+    return rows, prompts, logps
+
+
+def test_sampled_ids_are_trained_as_sampled(tiny_model_dir, tmp_path):
+    """One token sequence: a completion given with its sampled ids is trained on exactly those ids after the prompt
+    as the sampler tokenised it (no end-of-turn appended, nothing re-tokenised)."""
+    rows, prompts, _ = _sampled_rows(tiny_model_dir, n=4)
+    trainer = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path), train_dataset=as_dataset(rows))
+    prepared = trainer.train_dataset
+    for i, row in enumerate(rows):
+        assert prepared[i]["prompt_ids"] + prepared[i]["completion_ids"][0] == prompts[i] + row["completion_ids"]
+
+
+def test_stored_reference_log_probs_train_like_a_live_reference_model(tiny_model_dir, tmp_path, caplog):
+    """Rows that carry pi_ref's log-probs train with no reference model, with the losses of a live one, step for
+    step; the start-up check recomputes a few rows and finds them equal."""
+    rows, _, logps = _sampled_rows(tiny_model_dir)
+    stored_rows = [dict(row, ref_logp=logp) for row, logp in zip(rows, logps, strict=True)]
+    args = dict(max_steps=3, learning_rate=1e-2)
+    live = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path / "l", **args), train_dataset=as_dataset(rows))
+    with caplog.at_level("INFO"):
+        stored = QRPOTrainer(
+            model=str(tiny_model_dir), args=config(tmp_path / "s", **args), train_dataset=as_dataset(stored_rows)
+        )
+    assert live.ref_model is not None and stored.ref_model is None
+    assert "largest difference" in caplog.text and "above ref_logps_tolerance" not in caplog.text
+    losses = []
+    for trainer in (live, stored):
+        torch.manual_seed(0)
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-6)
+
+
+def test_stored_reference_log_probs_for_other_tokens_are_reported(tiny_model_dir, tmp_path, caplog):
+    rows, _, logps = _sampled_rows(tiny_model_dir, n=4)
+    wrong = [dict(row, ref_logp=logp - 3.0) for row, logp in zip(rows, logps, strict=True)]
+    with caplog.at_level("WARNING"):
+        QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path), train_dataset=as_dataset(wrong))
+    assert "largest difference 3" in caplog.text and "above ref_logps_tolerance" in caplog.text
+    missing = [dict(row, ref_logp=None if i == 2 else logp) for i, (row, logp) in enumerate(zip(rows, logps))]
+    with pytest.raises(ValueError, match=r"Column 'ref_logp', row 2.*missing"):
+        QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path), train_dataset=as_dataset(missing))

@@ -29,6 +29,18 @@ def _accelerator_supports_bf16(use_cpu: bool) -> bool:
     return bool(is_torch_bf16_gpu_available() or is_torch_xla_available())
 
 
+def _accelerator_present(use_cpu: bool) -> bool:
+    """Whether the run has an accelerator to pin memory for: PyTorch's own check (``torch.accelerator``, the one its
+    DataLoader makes before it warns that pinned memory is unused), False when the run is forced onto the CPU."""
+    import torch
+    from accelerate.utils import parse_flag_from_env
+
+    if use_cpu or parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return False
+    accelerator = getattr(torch, "accelerator", None)
+    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
+
+
 def _unused_by_qrpo(what: str) -> str:
     return f"Unused by QRPO, which refuses a value other than the default: {what}."
 
@@ -95,6 +107,13 @@ class QRPOConfig(DPOConfig):
             Apertus trainer.
         normalize_loss_by_length (`bool`, *optional*, defaults to `False`):
             Divide each completion's loss by its token count, as in the Apertus trainer.
+        check_ref_logps (`int`, *optional*, defaults to `8`):
+            When the rows carry pi_ref's log-probabilities (`ref_logp`, `chosen_ref_logp`, `rejected_ref_logp`, from
+            `trl qrpo generate` or `trl qrpo ref-logps`; training then loads no reference model), recompute this
+            many rows with the training forward at start and report the largest difference. `0` turns it off.
+        ref_logps_tolerance (`float`, *optional*, defaults to `0.05`):
+            The difference (nats per sequence) above which that check warns; `beta` times it is how far the regression
+            target moves. fp32 engines agree with the training forward to about 1e-4 nats; bf16 engines differ more.
 
         > Parameters of TrainingArguments / DPOConfig whose default QRPO changes or which QRPO refuses
 
@@ -103,6 +122,17 @@ class QRPOConfig(DPOConfig):
             supports bf16 (CUDA with bf16 support, i.e. Ampere or newer; XPU, NPU, HPU, MPS on macOS 14+, TPU), else
             `False` (a CPU, `use_cpu=True`, or `ACCELERATE_USE_CPU`). An explicit `bf16=True` on a machine without
             such an accelerator gets transformers' error, unless `use_cpu=True`.
+        activation_checkpointing (`bool`, *optional*):
+            Activation (gradient) checkpointing. If not set: `True`, TRL's default, set under transformers' current
+            name. (TRL sets it through the deprecated alias `gradient_checkpointing`, which makes transformers warn at
+            every config built, twice per `trl qrpo` run.) `gradient_checkpointing` still works, with transformers'
+            deprecation warning.
+        gradient_checkpointing (`bool`, *optional*):
+            Deprecated alias of `activation_checkpointing` (transformers 5); not set by default.
+        dataloader_pin_memory (`bool`, *optional*):
+            Pinned memory for the data loader. If not set: `True` when the run uses an accelerator (PyTorch's
+            `torch.accelerator`), else `False` (a CPU, `use_cpu`, `ACCELERATE_USE_CPU`), where pinning does nothing
+            and PyTorch warns at every data loader that it is unused.
         loss_weights, ld_alpha, f_divergence_type, label_smoothing, use_weighting, sync_ref_model:
             Refused (any value other than DPO's default is an error): see each field's help.
         f_alpha_divergence_coef, discopop_tau, ref_model_mixup_alpha, ref_model_sync_steps:
@@ -111,7 +141,8 @@ class QRPOConfig(DPOConfig):
     > [!NOTE]
     > Defaults that differ from [`~trl.DPOConfig`]: `beta` is `1e-3` instead of `0.1`, `loss_type` is `"mse"`, and
     > `bf16` is `True` only on an accelerator with bf16 support (DPOConfig: whenever `fp16` is not set, which fails on
-    > a CPU with "Your setup doesn't support bf16/gpu").
+    > a CPU with "Your setup doesn't support bf16/gpu"); `activation_checkpointing` is on by default as in TRL, but
+    > set under its current name (no deprecation warning); `dataloader_pin_memory` is on only with an accelerator.
     """
 
     _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["transform_kwargs"]
@@ -185,6 +216,22 @@ class QRPOConfig(DPOConfig):
         default=False,
         metadata={"help": "Divide each completion's loss by its token count, as in the Apertus trainer."},
     )
+    check_ref_logps: int = field(
+        default=8,
+        metadata={
+            "help": "When the rows carry reference log-probs (from `trl qrpo generate` or `ref-logps`), recompute "
+            "this many rows with the training forward at start (no second model: before the first step the policy "
+            "is the reference) and report the largest difference. 0 turns the check off."
+        },
+    )
+    ref_logps_tolerance: float = field(
+        default=0.05,
+        metadata={
+            "help": "Largest difference, in nats per sequence, between stored and recomputed reference log-probs "
+            "before a warning (beta x the difference is how far the regression target moves). fp32 engines agree "
+            "to ~1e-4; bf16 engines differ by more."
+        },
+    )
 
     # TrainingArguments / DPOConfig fields: a default that depends on the hardware, and DPO's fields QRPO refuses.
     bf16: bool | None = field(
@@ -193,6 +240,34 @@ class QRPOConfig(DPOConfig):
             "help": "bf16 mixed precision. Default (unset): True when fp16 is not set and the run uses an accelerator "
             "that supports bf16 (CUDA Ampere or newer, XPU, NPU, HPU, MPS on macOS 14+, TPU), else False (CPU, "
             "use_cpu, ACCELERATE_USE_CPU). An explicit True without such an accelerator is an error unless use_cpu."
+        },
+    )
+    # TRL's base config defaults `gradient_checkpointing` (transformers 5's deprecated alias) to True, so that
+    # transformers warns at every config built; QRPO leaves the alias unset and turns `activation_checkpointing` on
+    # when neither is given (see __post_init__). `nargs`/`const` as transformers': a bare flag means True.
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Activation (gradient) checkpointing: trades compute for memory (about 20%% slower steps). "
+            "Default (unset): True, as TRL's trainers; set false for small models or on a CPU.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated alias of `activation_checkpointing` (transformers 5 warns when it is used). Default: "
+            "unset.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Pin the data loader's memory (for copies to an accelerator). Default (unset): True when the run "
+            "uses an accelerator, else False (a CPU, use_cpu, ACCELERATE_USE_CPU), where it does nothing."
         },
     )
     loss_weights: list[float] | None = field(
@@ -296,6 +371,10 @@ class QRPOConfig(DPOConfig):
             self.transform_kwargs = json.loads(self.transform_kwargs)
         if self.bf16 is None:  # DPOConfig would make it `not fp16`, which fails on a CPU
             self.bf16 = not self.fp16 and _accelerator_supports_bf16(self.use_cpu)
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True  # TRL's default, under the name transformers does not warn about
+        if self.dataloader_pin_memory is None:  # pinned memory is for copies to an accelerator
+            self.dataloader_pin_memory = _accelerator_present(self.use_cpu)
         super().__post_init__()
         loss_type = self.loss_type
         if len(loss_type) != 1 or loss_type[0] not in LOSS_TYPES + BASELINE_LOSS_TYPES:
@@ -317,6 +396,11 @@ class QRPOConfig(DPOConfig):
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}.")
         if not self.beta > 0:
             raise ValueError(f"beta must be positive, got {self.beta}.")
+        if self.check_ref_logps < 0 or not self.ref_logps_tolerance > 0:
+            raise ValueError(
+                f"check_ref_logps must be >= 0 (0: no check) and ref_logps_tolerance > 0, got {self.check_ref_logps} "
+                f"and {self.ref_logps_tolerance}."
+            )
         if self.num_ref_rewards is not None and self.num_ref_rewards < 1:
             raise ValueError(f"num_ref_rewards must be at least 1, got {self.num_ref_rewards}.")
         for name, (default, reason) in self._REFUSED_DPO_FIELDS.items():

@@ -63,9 +63,13 @@ from .columns import (
     REF_REWARDS,
     REJECTED,
     REWARD,
+    SAMPLED_IDS,
+    SEQUENCE_REF_LOGPS,
     TARGET,
+    ids_column,
     in_refs_column,
     quantile_column,
+    ref_logp_column,
     reward_column,
 )
 from .losses import constant_references_message, qrpo_targets, quantile_rewards
@@ -95,6 +99,8 @@ class Layout:
     has_ref_rewards: bool
     has_quantile: bool
     has_in_refs: bool
+    has_sampled_ids: bool = False  # some side carries the token ids it was sampled as (`completion_ids`, ...)
+    has_ref_logps: bool = False  # every side carries pi_ref's log-probability (`ref_logp`, `chosen_ref_logp`, ...)
 
     @property
     def sides(self) -> tuple[str, ...]:
@@ -178,6 +184,7 @@ def consumed_columns(layout: Layout) -> set[str]:
     consumed = {REF_REWARDS, *layout.sides}
     for side in layout.sides:
         consumed |= {reward_column(side), quantile_column(side), in_refs_column(side)}
+        consumed |= {ids_column(side), ref_logp_column(side)}
     return consumed
 
 
@@ -257,6 +264,16 @@ def detect_layout(column_names: list[str]) -> Layout:
         )
     if PROMPT not in cols and kind == POINTWISE:
         raise ValueError(f"Pointwise QRPO data needs a '{PROMPT}' column next to '{COMPLETION}'.")
+    layout.has_sampled_ids = any(ids_column(s) in cols for s in layout.sides)
+    logp_cols = [ref_logp_column(s) for s in layout.sides]
+    present = [c for c in logp_cols if c in cols]
+    if present and len(present) < len(logp_cols):
+        raise ValueError(
+            f"The dataset has {present} but not {[c for c in logp_cols if c not in cols]}: reference log-probs are "
+            "used only when every completion has one. Compute them all with `trl qrpo ref-logps`, or remove "
+            f"{present} to use a reference model."
+        )
+    layout.has_ref_logps = bool(present)
     return layout
 
 
@@ -268,8 +285,9 @@ def detect_layout(column_names: list[str]) -> Layout:
 def _rows_message(rows, limit: int = 5) -> str:
     rows = [int(r) for r in rows]
     shown = ", ".join(str(r) for r in rows[:limit])
-    more = f" (and {len(rows) - limit} more)" if len(rows) > limit else ""
-    return f"row{'s' if len(rows) > 1 else ''} {shown}{more}"
+    more = f"; and {len(rows) - limit} more" if len(rows) > limit else ""
+    # 0-based, as datasets indexes rows: the row of a .jsonl file's line 3 is row 2.
+    return f"row{'s' if len(rows) > 1 else ''} {shown} (0-based{more})"
 
 
 def _array(batch: pa.Table, column: str) -> pa.Array:
@@ -501,6 +519,17 @@ def _completions(batch: pa.Table, sides: tuple[str, ...], keep: np.ndarray) -> p
     return _list_array(stacked.take(pa.array(order)), k, n_rows)
 
 
+def _per_side(batch: pa.Table, columns: list[str], keep: np.ndarray, type_: pa.DataType) -> pa.Array:
+    """Like :func:`_completions` for an optional per-side column (a side without the column gives nulls)."""
+    n_rows, k = keep.shape
+    arrays = [
+        _array(batch, c).cast(type_) if c in batch.column_names else pa.nulls(n_rows, type=type_) for c in columns
+    ]
+    stacked = arrays[0] if len(arrays) == 1 else pa.concat_arrays(arrays)
+    order = (keep * n_rows + np.arange(n_rows)[:, None]).ravel()
+    return _list_array(stacked.take(pa.array(order)), k, n_rows)
+
+
 def quantile_batch(
     batch: pa.Table,
     indices: list[int],
@@ -596,6 +625,19 @@ def quantile_batch(
         NUM_REFS: _list_array(num_refs.astype(np.int64), k, n_rows),
         IN_REFS: _list_array(in_refs & (self_inclusion == "keep"), k, n_rows),
     }
+    if layout.has_sampled_ids:
+        new[SAMPLED_IDS] = _per_side(batch, [ids_column(side) for side in sides], keep, pa.list_(pa.int64()))
+    if layout.has_ref_logps:
+        for side in sides:
+            logps = float_column(batch, ref_logp_column(side), rows, what="reference log-probability")
+            bad = ~np.isfinite(logps) | (logps > 0)
+            if bad.any():
+                raise ValueError(
+                    f"Column '{ref_logp_column(side)}', {_rows_message(rows[bad])}: the reference log-probability is "
+                    "missing, not finite or positive. Recompute it (`trl qrpo ref-logps`), or remove the column to "
+                    "use a reference model."
+                )
+        new[SEQUENCE_REF_LOGPS] = _per_side(batch, [ref_logp_column(side) for side in sides], keep, pa.float64())
     if targets is not None:
         del new[NUM_REFS], new[IN_REFS]
         beta_t = torch.full(quantiles.shape, float(targets.beta), dtype=torch.float64)

@@ -59,6 +59,8 @@ def sequence_logps(
     *,
     pad_token_id: int,
     batch_size: int = 8,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
     progress=None,
 ) -> list[float]:
     """log p(completion | prompt) per sequence, as training computes it: the QRPO collator and fp32 sums.
@@ -72,13 +74,15 @@ def sequence_logps(
         completion_ids (`Sequence[Sequence[int]]`): Completion token ids per sequence (at least one each).
         pad_token_id (`int`): Padding id (masked out).
         batch_size (`int`, *optional*, defaults to `8`): Sequences per forward pass.
+        max_length (`int`, *optional*), truncation_mode (`str`, defaults to `"keep_start"`): truncate each sequence
+            as the training collator does (`QRPOConfig.max_length`, `truncation_mode`).
         progress (`Callable[[int], None]`, *optional*): Called with the number of sequences of each finished batch.
 
     Returns:
         `list[float]`: one log-probability per sequence.
     """
     ensure_fused_lm_head(model)
-    collator = DataCollatorForQRPO(pad_token_id=pad_token_id)
+    collator = DataCollatorForQRPO(pad_token_id=pad_token_id, max_length=max_length, truncation_mode=truncation_mode)
     order = sorted(range(len(prompt_ids)), key=lambda i: -(len(prompt_ids[i]) + len(completion_ids[i])))
     out = [math.nan] * len(prompt_ids)
     device = model.device

@@ -18,7 +18,16 @@ from transformers import ProcessorMixin
 from transformers.utils import logging
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 
-from .columns import CHAT_TEMPLATE_KWARGS, COMPLETION_COLUMNS, COMPLETION_IDS, COMPLETIONS, PROMPT, PROMPT_IDS, TOOLS
+from .columns import (
+    CHAT_TEMPLATE_KWARGS,
+    COMPLETION_COLUMNS,
+    COMPLETION_IDS,
+    COMPLETIONS,
+    PROMPT,
+    PROMPT_IDS,
+    SAMPLED_IDS,
+    TOOLS,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -116,18 +125,27 @@ def tokenize_row(example, processing_class, eos_token):
     """Tokenize a prompt and its completions (`completions`, a list); the completion starts where prompt and
     prompt+completion diverge. Plain-text completions get `eos_token` appended unless they end with it.
 
-    The per-row path (TRL's `_tokenize`, as DPOTrainer): used for processors and for rows with their own tools or
-    chat-template arguments; :func:`tokenize_batch` gives the same ids for whole batches.
+    A completion that comes with the token ids it was sampled as (`sampled_ids`, from `trl qrpo generate`) is not
+    tokenised again: its sequence is the prompt, tokenised as the sampler tokenised it, followed by exactly those ids
+    (a truncated sample gets no end-of-turn it never produced; one that stopped keeps exactly its stop token).
+
+    The per-row path (TRL's `_tokenize`, as DPOTrainer): used for processors, for rows with their own tools or
+    chat-template arguments and for sampled ids; :func:`tokenize_batch` gives the same ids for whole batches.
     """
     prompt, completions = example[PROMPT], example[COMPLETIONS]
+    sampled = example.get(SAMPLED_IDS) or [None] * len(completions)
     prompt_ids = tokenize_prompt(processing_class, example)
+    texts = [c for c, ids in zip(completions, sampled, strict=True) if ids is None]
     if is_conversational({"prompt": prompt}):
         kwargs = template_kwargs(example)
-        full = [_tokenize(processing_class, prompt + c, **kwargs)["input_ids"] for c in completions]
+        full = [_tokenize(processing_class, prompt + c, **kwargs)["input_ids"] for c in texts]
     else:
-        full = [_tokenize(processing_class, prompt + c)["input_ids"] for c in _with_eos(completions, eos_token)]
-    prompt_ids, completion_ids = _split(processing_class, prompt_ids, full)
-    return {PROMPT_IDS: prompt_ids, COMPLETION_IDS: completion_ids}
+        full = [_tokenize(processing_class, prompt + c)["input_ids"] for c in _with_eos(texts, eos_token)]
+    cut, text_ids = _split(processing_class, prompt_ids, full) if full else (prompt_ids, [])
+    moved = prompt_ids[len(cut) :]  # prompt tokens the boundary rule gave to the text completions (usually none)
+    text_ids = iter(text_ids)
+    completion_ids = [moved + list(ids) if ids is not None else next(text_ids) for ids in sampled]
+    return {PROMPT_IDS: cut, COMPLETION_IDS: completion_ids}
 
 
 def tokenize_batch(batch, processing_class, eos_token):
@@ -139,7 +157,8 @@ def tokenize_batch(batch, processing_class, eos_token):
     """
     prompts, completions = batch[PROMPT], batch[COMPLETIONS]
     per_row_kwargs = any(v is not None for key in (TOOLS, CHAT_TEMPLATE_KWARGS) for v in batch.get(key, ()))
-    if isinstance(processing_class, ProcessorMixin) or per_row_kwargs or not prompts:
+    sampled = any(ids is not None for row in batch.get(SAMPLED_IDS) or () for ids in row or ())
+    if isinstance(processing_class, ProcessorMixin) or per_row_kwargs or sampled or not prompts:
         rows = [
             tokenize_row({key: batch[key][i] for key in batch}, processing_class, eos_token)
             for i in range(len(prompts))

@@ -37,7 +37,8 @@ from .columns import (
     PROMPT,
     PROMPT_IDS,
     QUANTILE,
-    REF_LOGPS,
+    SAMPLED_IDS,
+    SEQUENCE_REF_LOGPS,
     REF_REWARDS,
     REWARD,
     TARGET,
@@ -154,6 +155,16 @@ class QRPOTrainer(DPOTrainer):
                 name: self._prepare_rows(ds, args, name) if isinstance(ds, Dataset) else ds
                 for name, ds in eval_dataset.items()
             }
+
+        # Rows that carry pi_ref's log-probabilities (from `trl qrpo generate` or `ref-logps`): training needs no
+        # reference model, neither held beside the policy nor run in a precompute pass.
+        if isinstance(train_dataset, Dataset) and SEQUENCE_REF_LOGPS in train_dataset.column_names:
+            if ref_model is not None:
+                logger.warning("The training rows carry reference log-probs: `ref_model` is not used.")
+                ref_model = None
+            if not args.precompute_ref_log_probs:
+                logger.info("The training rows carry reference log-probs: no reference model is loaded.")
+                args.precompute_ref_log_probs = True
 
         # DPO builds its pairwise collator inside __init__ and precomputes reference log-probs with it before
         # returning, so the pointwise collator must be passed in from the start.
@@ -300,7 +311,7 @@ class QRPOTrainer(DPOTrainer):
                     "processing_class": processing_class,
                     "eos_token": None if conversational else self._tokenizer.eos_token,
                 },
-                remove_columns=[COMPLETIONS],
+                remove_columns=[COMPLETIONS] + ([SAMPLED_IDS] if SAMPLED_IDS in first else []),
                 **map_kwargs,
                 **desc("Tokenizing"),
             )
@@ -390,22 +401,8 @@ class QRPOTrainer(DPOTrainer):
             outputs = model(**model_inputs(inputs), labels=completion_labels(inputs), fused_lm_head=True)
         return sum_completion_logps(outputs.log_probs, inputs["completion_mask"])
 
-    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
-        if isinstance(dataset, IterableDataset):
-            raise ValueError(
-                "`precompute_ref_log_probs=True` is not supported with IterableDataset. Use a map-style Dataset or "
-                "set `precompute_ref_log_probs=False`."
-            )
-        # Same cache scheme as DPO (the dataset and the model's hash), salted so DPO's pairwise cache never matches.
-        fingerprint = [Hasher.hash(("qrpo-ref-logps", dataset._fingerprint, self._precompute_model_hash))]
-        broadcast_object_list(fingerprint, from_process=0)
-        cache_file = dataset._get_cache_file_path(fingerprint[0])
-        # Unlike DPO, the cache is read only when every process sees it, and a fresh result is built from memory in
-        # every process: an in-memory dataset caches in a temporary folder of each process, and nodes may not share
-        # the datasets cache, so a file written by the main process is not always there for the others (DPO then
-        # fails with FileNotFoundError, or waits forever when only some processes find an old cache).
-        if all(gather_object([os.path.exists(cache_file)])):
-            return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+    def _reference_log_probs(self, dataset, name: str, batch_size: int) -> list[list[float]]:
+        """pi_ref's log-probability of every sequence of a prepared dataset, `[rows, k]`, in every process."""
         loader = self.accelerator.prepare(
             DataLoader(
                 dataset,
@@ -432,10 +429,59 @@ class QRPOTrainer(DPOTrainer):
             logps = self.compute_ref_log_probs(model, batch)
             logps = logps.view(_completions_per_row(batch), -1).T.contiguous()  # side-major sequences -> [rows, k]
             rows.append(self.accelerator.gather_for_metrics(logps).cpu())
-        ref_logps = torch.cat(rows).tolist()  # every row, in every process
+        return torch.cat(rows).tolist()
+
+    def _check_stored_ref_logps(self, dataset, name: str, batch_size: int) -> None:
+        """Recompute the stored reference log-probs of the first `check_ref_logps` rows with the training forward
+        (before the first step the policy is the reference model) and report by how much they differ."""
+        count = min(self.args.check_ref_logps, len(dataset))
+        if count <= 0:
+            return
+        subset = dataset.select(range(count))
+        stored = torch.tensor(subset[SEQUENCE_REF_LOGPS], dtype=torch.float64)
+        computed = torch.tensor(self._reference_log_probs(subset, name, batch_size), dtype=torch.float64)
+        difference = (stored - computed).abs()
+        row, side = divmod(int(difference.argmax()), difference.shape[1])
+        largest = float(difference.max())
+        beta = self.args.beta
+        message = (
+            f"Stored reference log-probs of the {name} dataset, checked on {count} rows against the training forward: "
+            f"largest difference {largest:.3g} nats (row {row}, completion {side}), which moves the regression "
+            f"target of beta * logratio by up to beta x {largest:.3g} = {beta * largest:.3g}."
+        )
+        if largest > self.args.ref_logps_tolerance:
+            logger.warning(
+                message + f" That is above ref_logps_tolerance={self.args.ref_logps_tolerance:g}: the log-probs were "
+                "computed for other tokens, another model, or a different numeric precision (a bf16 engine). "
+                "Recompute them with `trl qrpo ref-logps` (same model, max_length and dtype as training), or remove "
+                "the columns to use a reference model."
+            )
+        else:
+            logger.info(message)
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                "`precompute_ref_log_probs=True` is not supported with IterableDataset. Use a map-style Dataset or "
+                "set `precompute_ref_log_probs=False`."
+            )
+        if SEQUENCE_REF_LOGPS in dataset.column_names:  # stored with the rows: no reference model is needed
+            self._check_stored_ref_logps(dataset, name, batch_size)
+            return dataset
+        # Same cache scheme as DPO (the dataset and the model's hash), salted so DPO's pairwise cache never matches.
+        fingerprint = [Hasher.hash(("qrpo-ref-sequence-logps", dataset._fingerprint, self._precompute_model_hash))]
+        broadcast_object_list(fingerprint, from_process=0)
+        cache_file = dataset._get_cache_file_path(fingerprint[0])
+        # Unlike DPO, the cache is read only when every process sees it, and a fresh result is built from memory in
+        # every process: an in-memory dataset caches in a temporary folder of each process, and nodes may not share
+        # the datasets cache, so a file written by the main process is not always there for the others (DPO then
+        # fails with FileNotFoundError, or waits forever when only some processes find an old cache).
+        if all(gather_object([os.path.exists(cache_file)])):
+            return concatenate_datasets([dataset, Dataset.from_file(cache_file)], axis=1)
+        ref_logps = self._reference_log_probs(dataset, name, batch_size)  # every row, in every process
         if self.accelerator.is_main_process:  # for later runs
             dataset.map(
-                lambda _, indices: {REF_LOGPS: [ref_logps[i] for i in indices]},
+                lambda _, indices: {SEQUENCE_REF_LOGPS: [ref_logps[i] for i in indices]},
                 with_indices=True,
                 batched=True,
                 remove_columns=dataset.column_names,
@@ -444,7 +490,7 @@ class QRPOTrainer(DPOTrainer):
                 desc=f"Caching reference log probs for {name} dataset",
             )
         self.accelerator.wait_for_everyone()
-        return concatenate_datasets([dataset, Dataset.from_dict({REF_LOGPS: ref_logps})], axis=1)
+        return concatenate_datasets([dataset, Dataset.from_dict({SEQUENCE_REF_LOGPS: ref_logps})], axis=1)
 
     # ------------------------------------------------------------------------------------------------------------
     # Loss and metrics
@@ -459,7 +505,7 @@ class QRPOTrainer(DPOTrainer):
         outputs = model(**model_inputs(inputs), **model_kwargs, labels=completion_labels(inputs), fused_lm_head=True)
         logps = sum_completion_logps(outputs.log_probs, inputs["completion_mask"])
         if self.precompute_ref_logps:
-            ref_logps = inputs[REF_LOGPS].to(logps.device, torch.float32)
+            ref_logps = inputs[SEQUENCE_REF_LOGPS].to(logps.device, torch.float32)
         else:
             ref_logps = self.compute_ref_log_probs(
                 self.ref_model if self.ref_model is not None else self.model, inputs

@@ -12,6 +12,8 @@ data file), so a user can enter at any step::
   of every reference (`ref_rewards`), from a reward model (transformers or vLLM) and/or reward functions.
 - :func:`build_offpolicy_dataset`: training rows made from the references themselves (pointwise, best/worst pairs
   or random pairs), marked for leave-one-out.
+- :func:`compute_ref_logps`: pi_ref's log-probability of every completion of any dataset, as training computes it,
+  so that training needs no reference model (rows from `generate` carry them already).
 - :func:`merge_shards`: concatenate the outputs of `num_shards` jobs.
 - :func:`evaluate_policy`: reward, KL to pi_ref and length of a policy's own samples.
 
@@ -20,7 +22,7 @@ Each function takes the config dataclass of its command (:mod:`.config`: [`Gener
 chunks to `output_dir` as they go: run the same call again after a crash to resume.
 
 Modules. The stages, each a command and a function, none importing another: `generate`, `scoring`, `offpolicy`,
-`evaluate`. What they share, importing no stage: `config` (the options), `io` (writing datasets and JSON, small
+`ref_logps`, `evaluate`. What they share, importing no stage: `config` (the options), `io` (writing datasets and JSON, small
 checks), `chunks` (resumable, sharded runs; merging shards), `samples` (the sample record, seeds, stop tokens,
 decoding), `model_loading` (models and tokenizers), `scorers` (reward model and reward functions), and the backends:
 `backends` (which sampler and scorer a config asks for), `transformers_sampler`, `vllm_engine` (what the vLLM backends
@@ -33,11 +35,20 @@ from ..loading import load_split
 from ..logps import sequence_logps
 from .backends import make_scorer
 from .chunks import ShardPlan, merge_shards, read_manifest
-from .config import BuildOffPolicyConfig, DataArguments, EvaluateConfig, GenerateConfig, MergeConfig, ScoreConfig
+from .config import (
+    BuildOffPolicyConfig,
+    DataArguments,
+    EvaluateConfig,
+    GenerateConfig,
+    MergeConfig,
+    RefLogpsConfig,
+    ScoreConfig,
+)
 from .evaluate import evaluate_policy, summarize_evaluation
 from .generate import generate_references
 from .io import save_any_dataset
 from .offpolicy import OFFPOLICY_MODES, build_offpolicy_dataset
+from .ref_logps import compute_ref_logps
 from .samples import sample_seed
 from .scorers import CombinedScorer, RewardFunctionScorer, RewardModelScorer, load_reward_function
 from .scoring import score_dataset
@@ -50,11 +61,13 @@ __all__ = [
     "EvaluateConfig",
     "GenerateConfig",
     "MergeConfig",
+    "RefLogpsConfig",
     "RewardFunctionScorer",
     "RewardModelScorer",
     "ScoreConfig",
     "ShardPlan",
     "build_offpolicy_dataset",
+    "compute_ref_logps",
     "evaluate_policy",
     "generate_references",
     "load_reward_function",

@@ -25,7 +25,9 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +199,7 @@ def prepare_output_dir(output_dir: str | os.PathLike, task: ChunkedTask, plan: S
         "shard_index": plan.shard_index,
         "chunks": [plan.chunks.start, plan.chunks.stop],
         "complete": False,
+        "command": shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]) if sys.argv else None,
     }
     existing = read_manifest(output_dir)
     if existing is None:
@@ -239,6 +242,50 @@ def _finished_chunks(output_dir: Path) -> list[Path]:
     """The finished chunk folders of a run (half-written ones, under temporary names, excluded)."""
     chunks_dir = output_dir / CHUNKS_DIR
     return [p for p in chunks_dir.iterdir() if ".tmp-" not in p.name] if chunks_dir.is_dir() else []
+
+
+def run_status(output_dir: str | os.PathLike) -> list[str]:
+    """Lines that say what a `trl qrpo` output folder holds: done, or which chunks of which shards are missing and the
+    command that finishes them (the launcher's per-process shards under `shards/` included)."""
+    output_dir = Path(output_dir)
+    folders = [output_dir] if read_manifest(output_dir) is not None else []
+    shards_dir = output_dir / "shards"
+    if shards_dir.is_dir():
+        folders += sorted(p for p in shards_dir.iterdir() if read_manifest(p) is not None)
+    if not folders:
+        return [f"{output_dir}: no {MANIFEST_NAME} here: not the output of a `trl qrpo` pre-computation command."]
+    lines = []
+    for folder in folders:
+        manifest = read_manifest(folder)
+        shard = f"shard {manifest['shard_index']} of {manifest['num_shards']}" if manifest["num_shards"] > 1 else ""
+        what = f"{folder}: {manifest['task']}" + (f", {shard}" if shard else "")
+        if manifest.get("complete"):
+            merged = f", merged from {len(manifest['merged_from'])} shards" if manifest.get("merged_from") else ""
+            lines.append(f"{what}: complete ({manifest.get('num_output_rows')} rows{merged}).")
+            continue
+        plan = ShardPlan(manifest["num_rows"], manifest["chunk_size"], manifest["num_shards"], manifest["shard_index"])
+        done = {int(p.name.split("-")[1]) for p in _finished_chunks(folder)}
+        missing = [c for c in plan.chunks if c not in done]
+        rows = [plan.chunk_rows(c) for c in missing]
+        where = f"chunks {_ranges(missing)} (rows {rows[0].start}-{rows[-1].stop - 1})" if missing else "no chunk"
+        finish = manifest.get("command") or f"the same `trl qrpo {manifest['task']}` command"
+        state = "missing " + where if missing else "every chunk done, not yet assembled"
+        lines.append(
+            f"{what}: {len(plan.chunks) - len(missing)} of {len(plan.chunks)} chunks done, {state}. "
+            f"Finish with: {finish}"
+        )
+    return lines
+
+
+def _ranges(numbers: list[int]) -> str:
+    """`0-3, 7, 9-10` for a sorted list of integers."""
+    parts, start = [], None
+    for i, n in enumerate(numbers):
+        start = n if start is None else start
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            parts.append(f"{start}-{n}" if n > start else str(n))
+            start = None
+    return ", ".join(parts)
 
 
 def clean_stale_chunks(output_dir: str | os.PathLike) -> None:

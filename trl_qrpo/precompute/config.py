@@ -379,6 +379,53 @@ class BuildOffPolicyConfig:
 
 
 @dataclass
+class RefLogpsConfig:
+    """`ref-logps`: pi_ref's log-probability of every completion of a dataset, as training computes it.
+
+    For rows no sampler produced (a user's chosen/rejected data, completions of another model): the reference model
+    scores each completion column with the trainer's own tokenisation, truncation and float32 sums, and the rows then
+    train with no reference model. Rows from `generate` carry these log-probs already. Every field's help text says
+    what it does (`trl qrpo ref-logps --help`).
+    """
+
+    # the resumable run
+    output_dir: str | None = option("output_dir")
+    num_shards: int = option("num_shards")
+    shard_index: int = option("shard_index")
+    chunk_size: int = option("chunk_size")
+    # the reference model
+    model_name_or_path: str | None = option(
+        "model_name_or_path", help="The reference model pi_ref (the model training starts from). Required."
+    )
+    model_revision: str | None = option("model_revision")
+    tokenizer_name_or_path: str | None = option("tokenizer_name_or_path")
+    dtype: _Dtype = option("dtype")
+    device: str = option("device")
+    trust_remote_code: bool = option("trust_remote_code")
+    attn_implementation: str | None = option("attn_implementation")
+    model_init_kwargs: dict[str, Any] | str | None = option("model_init_kwargs")
+    # what training will do with the sequences
+    max_length: int | None = field(
+        default=None,
+        metadata={"help": "Truncate prompt + completion to this many tokens: the `max_length` training will use."},
+    )
+    truncation_mode: Literal["keep_start", "keep_end"] = field(
+        default="keep_start", metadata={"help": "The `truncation_mode` training will use."}
+    )
+    columns: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": f"Completion columns to score (None: every one of {', '.join(COMPLETION_COLUMNS)} present)."
+        },
+    )
+    logprob_batch_size: int = field(default=8, metadata={"help": "Sequences per log-probability forward pass."})
+
+    def __post_init__(self):
+        _check_model(self)
+        _at_least(self, 1, "logprob_batch_size")
+
+
+@dataclass
 class MergeConfig:
     """`merge`: concatenate the outputs of a sharded run, checking that every shard is there once and complete."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from ..columns import PROMPT, REF_COMPLETIONS, REF_NUM_TOKENS, REF_TRUNCATED
+from ..columns import PROMPT, REF_COMPLETION_IDS, REF_COMPLETIONS, REF_LOGPS, REF_NUM_TOKENS, REF_TRUNCATED
 from ..tokenization import tokenize_prompt
 from .backends import make_sampler
 from .chunks import (
@@ -16,7 +16,7 @@ from .chunks import (
     run_chunked,
     spawn_workers,
 )
-from .config import GenerateConfig
+from .config import GenerateConfig, is_pure_sampling
 from .io import ensure_prompt_column, is_conversational_value, logger, model_name, path_str
 from .model_loading import resolve_tokenizer
 from .samples import as_completion, sample_seed
@@ -56,22 +56,31 @@ def generate_references(dataset, args: GenerateConfig, model=None, processing_cl
             falls back to EOS.
 
     Returns:
-        [`~datasets.Dataset`]: the shard's rows with three new list columns, one entry per reference:
+        [`~datasets.Dataset`]: the shard's rows with new list columns, one entry per reference:
         `ref_completions` (in the format of the prompts: strings, or `[{"role": "assistant", "content": ...}]`),
-        `ref_truncated` (`bool`, the completion hit `max_new_tokens`) and `ref_num_tokens` (`int`, tokens sampled,
-        the stop token included).
+        `ref_truncated` (`bool`, the completion hit `max_new_tokens`), `ref_num_tokens` (`int`, tokens sampled,
+        the stop token included), `ref_completion_ids` (the token ids sampled, the stop token included: the sequence
+        training scores) and `ref_logps` (pi_ref's log-probability of those tokens: its own distribution,
+        temperature 1, whatever the sampling settings; summed in float64 over float32 per-token log-probs). Rows
+        built from them carry the ids and log-probs, so training needs no reference model.
     """
     model = path_str(model if model is not None else args.model_name_or_path)
     if model is None:
         raise ValueError("generate_references needs a model: set `model_name_or_path` or pass `model`.")
     processing_class = path_str(processing_class if processing_class is not None else args.tokenizer_name_or_path)
     output_dir = path_str(args.output_dir)
-    for column in (REF_COMPLETIONS, REF_TRUNCATED, REF_NUM_TOKENS):
+    for column in (REF_COMPLETIONS, REF_TRUNCATED, REF_NUM_TOKENS, REF_COMPLETION_IDS, REF_LOGPS):
         if column in dataset.column_names:
             raise ValueError(
                 f"The dataset already has a '{column}' column. Remove it (`dataset.remove_columns`) to generate new "
                 "references, or score the existing ones with `trl qrpo score`."
             )
+    if not is_pure_sampling(args):
+        logger.warning(
+            "Sampling is not pure (temperature, top_p, top_k or min_p changed): the references are not draws from "
+            "pi_ref, so their quantiles are not uniform and log Z is not exact. Their 'ref_logps' stay pi_ref's own "
+            "log-probabilities of the sampled tokens."
+        )
     dataset = ensure_prompt_column(dataset)
     conversational = is_conversational_value(dataset[0][PROMPT])
     tokenizer = resolve_tokenizer(
@@ -123,7 +132,9 @@ def generate_references(dataset, args: GenerateConfig, model=None, processing_cl
             REF_COMPLETIONS, [[as_completion(s.text, conversational) for s in row] for row in samples]
         )
         rows = rows.add_column(REF_TRUNCATED, [[s.truncated for s in row] for row in samples])
-        return rows.add_column(REF_NUM_TOKENS, [[s.num_tokens for s in row] for row in samples])
+        rows = rows.add_column(REF_NUM_TOKENS, [[s.num_tokens for s in row] for row in samples])
+        rows = rows.add_column(REF_COMPLETION_IDS, [[s.sampled_ids for s in row] for row in samples])
+        return rows.add_column(REF_LOGPS, [[s.logp for s in row] for row in samples])
 
     worker = (
         {}

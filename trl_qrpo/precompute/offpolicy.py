@@ -23,12 +23,16 @@ from ..columns import (
     PAIRED_SIDES,
     POINTWISE_SIDES,
     PROMPT,
+    REF_COMPLETION_IDS,
     REF_COMPLETIONS,
+    REF_LOGPS,
     REF_INDEX,
     REF_REWARDS,
     REF_TRUNCATED,
     TRUNCATED,
+    ids_column,
     in_refs_column,
+    ref_logp_column,
     reward_column,
     side_column,
 )
@@ -73,8 +77,11 @@ def build_offpolicy_dataset(dataset, args: BuildOffPolicyConfig | None = None):
 
     Returns:
         [`~datasets.Dataset`]: training rows, plus `ref_index` (`chosen_ref_index`, `rejected_ref_index`): the
-        reference each completion came from, and `truncated` (`chosen_truncated`, `rejected_truncated`) when the
-        input has `ref_truncated`.
+        reference each completion came from, `truncated` (`chosen_truncated`, `rejected_truncated`) when the
+        input has `ref_truncated`, and from `generate`'s `ref_completion_ids` and `ref_logps` the sampled token ids
+        (`completion_ids`, `chosen_ids`, `rejected_ids`) and pi_ref's log-probability (`ref_logp`,
+        `chosen_ref_logp`, `rejected_ref_logp`) of each side: training uses those tokens as sampled and loads no
+        reference model.
     """
     args = args if args is not None else BuildOffPolicyConfig()
     mode, num_candidates, seed, drop_ties, num_proc = (
@@ -102,6 +109,15 @@ def build_offpolicy_dataset(dataset, args: BuildOffPolicyConfig | None = None):
     # The dataset's own completions, rewards and references are not carried over; other columns are.
     extra = [c for c in dataset.column_names if c not in COMPLETION_AND_REFERENCE_COLUMNS]
     has_truncated = REF_TRUNCATED in dataset.column_names
+    has_ids = REF_COMPLETION_IDS in dataset.column_names
+    has_logps = REF_LOGPS in dataset.column_names and all(
+        logp is not None for row in dataset[REF_LOGPS] for logp in (row or [None])
+    )
+    if REF_LOGPS in dataset.column_names and not has_logps:
+        logger.warning(
+            f"Some '{REF_LOGPS}' are missing: the rows carry no reference log-probs, and training will use a reference "
+            "model (or compute them with `trl qrpo ref-logps`)."
+        )
 
     def build(batch, indices):
         out = {c: [] for c in [PROMPT, *extra]}
@@ -111,6 +127,10 @@ def build_offpolicy_dataset(dataset, args: BuildOffPolicyConfig | None = None):
             out[in_refs_column(side)], out[side_column(side, REF_INDEX)] = [], []
             if has_truncated:
                 out[side_column(side, TRUNCATED)] = []
+            if has_ids:
+                out[ids_column(side)] = []
+            if has_logps:
+                out[ref_logp_column(side)] = []
         out[REF_REWARDS] = []
         for pos, row in enumerate(indices):
             completions, rewards = batch[REF_COMPLETIONS][pos], batch[REF_REWARDS][pos]
@@ -158,6 +178,10 @@ def build_offpolicy_dataset(dataset, args: BuildOffPolicyConfig | None = None):
                     out[side_column(side, REF_INDEX)].append(j)
                     if has_truncated:
                         out[side_column(side, TRUNCATED)].append(bool(batch[REF_TRUNCATED][pos][j]))
+                    if has_ids:
+                        out[ids_column(side)].append(batch[REF_COMPLETION_IDS][pos][j])
+                    if has_logps:
+                        out[ref_logp_column(side)].append(batch[REF_LOGPS][pos][j])
                 out[REF_REWARDS].append([float(r) for r in _ordered_refs(rewards, own, candidates)])
         return out
 

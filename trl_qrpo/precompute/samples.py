@@ -22,6 +22,8 @@ class Sample:
         truncated (`bool`): Whether the completion hit the token limit (no stop token was sampled).
         num_tokens (`int`): Tokens sampled, the stop token included when one was sampled.
         stop_token_id (`int`, *optional*): The stop token that ended the completion (`None` when truncated).
+        logp (`float`, *optional*): log pi(sampled_ids | prompt) under the model's own distribution (temperature 1,
+            no top-p/top-k, whatever the sampling settings), summed in float64 over per-token float32 log-probs.
     """
 
     token_ids: list[int]
@@ -29,6 +31,7 @@ class Sample:
     truncated: bool
     num_tokens: int
     stop_token_id: int | None = None
+    logp: float | None = None
 
     @property
     def sampled_ids(self) -> list[int]:

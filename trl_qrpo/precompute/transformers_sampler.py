@@ -47,14 +47,17 @@ def _make_row_sampler(seeds: Sequence[int], temperature: float, top_p: float, to
     class _RowSampler(LogitsProcessor):
         def __init__(self):
             self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+            self.step_logps = []  # per step, pi_ref's own log-prob of each row's drawn token (float32, [rows])
 
         def __call__(self, input_ids, scores):
+            raw = torch.log_softmax(scores.float(), dim=-1)  # the model's distribution itself: temperature 1, no cut
             scores = warpers(input_ids, scores.float())
             probs = torch.softmax(scores, dim=-1).double()
             cdf = probs.cumsum(dim=-1)
             cdf = cdf / cdf[:, -1:]
             u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
             drawn = torch.searchsorted(cdf, u.to(cdf.device)[:, None], right=True).clamp_(max=scores.shape[-1] - 1)
+            self.step_logps.append(raw.gather(1, drawn).squeeze(1).cpu())
             out = torch.full_like(scores, float("-inf"))
             return out.scatter_(1, drawn, 0.0)
 
@@ -142,10 +145,12 @@ class TransformersSampler:
                     logits_processor=[sampler],
                 )
                 completions = out[:, input_ids.shape[1] :].tolist()
-                for (i, j), ids in zip(batch, completions, strict=True):
+                step_logps = torch.stack(sampler.step_logps, dim=1).double()  # [rows, steps]
+                for row, ((i, j), ids) in enumerate(zip(batch, completions, strict=True)):
                     ids, truncated, num_tokens, stop = split_stop(ids, stops, self.max_new_tokens)
                     text = decode_completion(self.tokenizer, prompt_ids[i], ids)
-                    results[i][j] = Sample(ids, text, truncated, num_tokens, stop)
+                    logp = float(step_logps[row, :num_tokens].sum())  # the sampled tokens, stop token included
+                    results[i][j] = Sample(ids, text, truncated, num_tokens, stop, logp)
                 if progress is not None:
                     progress(len(batch))
         return results

@@ -43,7 +43,13 @@ class VLLMSampler:
         for token in generation_config_eos(model_name_or_path, revision, trust):
             if token not in self.stops:
                 self.stops.append(token)
-        kwargs = engine_kwargs(config, dtype=getattr(config, "dtype", None), revision=revision, seed=config.seed)
+        kwargs = engine_kwargs(
+            config,
+            dtype=getattr(config, "dtype", None),
+            revision=revision,
+            seed=config.seed,
+            extra={"logprobs_mode": "raw_logprobs"},  # pi_ref's own log-probs, before temperature or top-p
+        )
         logger.info(f"Starting vLLM for '{model_name_or_path}' with {kwargs}.")
         self.llm = vllm.LLM(model=model_name_or_path, **kwargs)
         model_config = getattr(getattr(self.llm, "llm_engine", None), "model_config", None)
@@ -67,21 +73,34 @@ class VLLMSampler:
             stop_token_ids=list(self.stops),
             skip_special_tokens=False,
             detokenize=False,
+            logprobs=0,  # the sampled token's log-prob; the engine reports raw ones (logprobs_mode="raw_logprobs")
         )
+
+    @staticmethod
+    def _logp(completion) -> float | None:
+        """log pi(sampled tokens | prompt): the raw log-probs vLLM reports for each sampled token, summed in float64."""
+        if completion.logprobs is None:
+            return None
+        total = 0.0
+        for token, entry in zip(completion.token_ids, completion.logprobs, strict=True):
+            total += float(entry[token].logprob)
+        return total
 
     def _to_sample(self, prompt_ids: list[int], completion) -> Sample:
         """A `Sample` from one vLLM `CompletionOutput` (stop token cut off and counted)."""
         ids = list(completion.token_ids)
+        logp = self._logp(completion)
         reason = completion.finish_reason
         if reason == "length":
-            return Sample(ids, decode_completion(self.tokenizer, prompt_ids, ids), True, len(ids), None)
+            return Sample(ids, decode_completion(self.tokenizer, prompt_ids, ids), True, len(ids), None, logp)
         if reason != "stop":
             raise RuntimeError(f"vLLM finished a request with finish_reason={reason!r} (expected 'stop' or 'length').")
         if ids and ids[-1] in self.stops:  # vLLM 0.32 keeps the stop token at the end of token_ids
             stop = ids.pop()
-        else:  # a vLLM that leaves it out: it is still a sampled token
+        else:  # a vLLM that leaves it out: it is still a sampled token (its log-prob is then not reported)
             stop = completion.stop_reason if isinstance(completion.stop_reason, int) else self.tokenizer.eos_token_id
-        return Sample(ids, decode_completion(self.tokenizer, prompt_ids, ids), False, len(ids) + 1, stop)
+            logp = None
+        return Sample(ids, decode_completion(self.tokenizer, prompt_ids, ids), False, len(ids) + 1, stop, logp)
 
     def sample(
         self, prompt_ids: list[list[int]], seeds: list[list[int]], progress: Callable[[int], None] | None = None

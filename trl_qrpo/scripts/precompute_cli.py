@@ -18,9 +18,13 @@ Examples::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import sys
+import time
+from pathlib import Path
 
 from trl_qrpo.precompute.config import (
     BuildOffPolicyConfig,
@@ -28,6 +32,7 @@ from trl_qrpo.precompute.config import (
     EvaluateConfig,
     GenerateConfig,
     MergeConfig,
+    RefLogpsConfig,
     ScoreConfig,
     has_reward,
 )
@@ -38,15 +43,20 @@ COMMAND_CONFIGS = {
     "generate": (DataArguments, GenerateConfig),
     "score": (DataArguments, ScoreConfig),
     "build-offpolicy": (DataArguments, BuildOffPolicyConfig),
+    "ref-logps": (DataArguments, RefLogpsConfig),
     "merge": (MergeConfig,),
     "evaluate": (DataArguments, EvaluateConfig),
 }
+
+# Under a launcher, where each process's shard goes (inside --output_dir).
+SHARDS_DIR = "shards"
 
 # Arguments each command cannot run without (checked by the parser, before any work).
 _REQUIRED = {
     "generate": ("dataset_name", "output_dir", "model_name_or_path"),
     "score": ("dataset_name", "output_dir"),
     "build-offpolicy": ("dataset_name", "output_dir"),
+    "ref-logps": ("dataset_name", "output_dir", "model_name_or_path"),
     "merge": ("shard_dirs", "output_dir"),
     "evaluate": ("dataset_name", "output_dir", "model_name_or_path"),
 }
@@ -102,6 +112,46 @@ def _finish(dataset, args, output_dir: str, sharded: bool = False) -> None:
     logger.info(f"Wrote {len(dataset)} rows to {output_dir}.")
 
 
+def _launched() -> tuple[int, int] | None:
+    """(rank, world size) in a process that `torchrun` or `accelerate launch` started with several processes."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return None
+    return (rank, world) if world > 1 else None
+
+
+def _shards_or_one(fn, data, args) -> None:
+    """Run a step alone, or under a launcher as one shard per process (its rank), merged when every shard is done.
+
+    Under `torchrun --nproc_per_node N` or `accelerate launch --num_processes N` (several nodes too), process `r`
+    computes shard `r` of `N` into `output_dir/shards/`, resumable like any shard; the process of rank 0 waits for
+    every shard to finish and merges them into `output_dir`, which then equals a one-process run.
+    """
+    launch = _launched()
+    if launch is None:
+        _finish(fn(_load(data), args), data, args.output_dir, sharded=args.num_shards > 1)
+        return
+    from trl_qrpo.precompute import merge_shards
+    from trl_qrpo.precompute.chunks import read_manifest
+
+    rank, world = launch
+    if args.num_shards != 1:
+        raise ValueError(
+            f"Launched as {world} processes, each takes one shard from its rank: remove --num_shards and --shard_index "
+            "(or run the shards as separate jobs without the launcher)."
+        )
+    shard_dirs = [Path(args.output_dir) / SHARDS_DIR / f"shard-{i:05d}-of-{world:05d}" for i in range(world)]
+    fn(_load(data), dataclasses.replace(args, num_shards=world, shard_index=rank, output_dir=str(shard_dirs[rank])))
+    if rank != 0:
+        return
+    logging.getLogger("trl_qrpo.precompute").info(f"Rank 0: merging the {world} shards when every one is done.")
+    while not all((read_manifest(d) or {}).get("complete") for d in shard_dirs):  # the launcher ends us if one fails
+        time.sleep(2)
+    _finish(merge_shards(shard_dirs, args.output_dir), data, args.output_dir)
+
+
 def _run(fn):
     """Bad input (ValueError, a dataset that cannot be found) as a one-line error with exit code 2; Ctrl-C as one
     line saying how to resume."""
@@ -131,7 +181,7 @@ def generate_main(argv: list[str], prog: str = "trl qrpo generate") -> int:
     from trl_qrpo.precompute import generate_references
 
     data, args = _parse("generate", argv, prog)
-    _finish(generate_references(_load(data), args), data, args.output_dir, sharded=args.num_shards > 1)
+    _shards_or_one(generate_references, data, args)
     return 0
 
 
@@ -141,7 +191,7 @@ def score_main(argv: list[str], prog: str = "trl qrpo score") -> int:
     from trl_qrpo.precompute import score_dataset
 
     data, args = _parse("score", argv, prog)
-    _finish(score_dataset(_load(data), args), data, args.output_dir, sharded=args.num_shards > 1)
+    _shards_or_one(score_dataset, data, args)
     return 0
 
 
@@ -154,6 +204,16 @@ def build_offpolicy_main(argv: list[str], prog: str = "trl qrpo build-offpolicy"
     dataset = build_offpolicy_dataset(_load(data), args)
     dataset.save_to_disk(args.output_dir)
     _finish(dataset, data, args.output_dir)
+    return 0
+
+
+@_run
+def ref_logps_main(argv: list[str], prog: str = "trl qrpo ref-logps") -> int:
+    """Reference log-probs of every completion: see `RefLogpsConfig` and `trl_qrpo.precompute.compute_ref_logps`."""
+    from trl_qrpo.precompute import compute_ref_logps
+
+    data, args = _parse("ref-logps", argv, prog)
+    _shards_or_one(compute_ref_logps, data, args)
     return 0
 
 
@@ -189,12 +249,27 @@ def evaluate_main(argv: list[str], prog: str = "trl qrpo evaluate") -> int:
     return 0
 
 
+def status_main(argv: list[str], prog: str = "trl qrpo status") -> int:
+    """Which chunks and shards of a pre-computation output folder are done, missing or failed, and how to finish."""
+    import argparse
+
+    from trl_qrpo.precompute.chunks import run_status
+
+    parser = argparse.ArgumentParser(prog=prog, description=status_main.__doc__)
+    parser.add_argument("output_dir", help="The --output_dir of a generate/score/ref-logps/evaluate run.")
+    lines = run_status(parser.parse_args(argv).output_dir)
+    print("\n".join(lines))
+    return 0 if all(": complete" in line for line in lines) else 1
+
+
 SUBCOMMANDS = {
     "generate": generate_main,
     "score": score_main,
     "build-offpolicy": build_offpolicy_main,
+    "ref-logps": ref_logps_main,
     "merge": merge_main,
     "evaluate": evaluate_main,
+    "status": status_main,
 }
 
 # One-line help per subcommand, for the front end's listing.
@@ -202,6 +277,8 @@ HELP = {
     "generate": "Sample n reference completions per prompt from the reference model.",
     "score": "Score the dataset's completions and the reference completions (reward model and/or functions).",
     "build-offpolicy": "Build training rows from the reference completions (pointwise, best/worst or random pairs).",
-    "merge": "Merge the outputs of a sharded generate/score/evaluate run.",
+    "ref-logps": "Reference log-probs of every completion, so that training loads no reference model.",
+    "merge": "Merge the outputs of a sharded generate/score/ref-logps/evaluate run.",
     "evaluate": "Reward, KL to the reference model and length of a policy's own samples.",
+    "status": "Which chunks and shards of an output folder are done or missing, and the command that finishes them.",
 }
