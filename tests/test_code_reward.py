@@ -24,6 +24,7 @@ import pytest
 from trl_qrpo.rewards import CodePassRate, code_pass_rate, make_code_pass_rate
 from trl_qrpo.sandbox import (
     ISOLATION_FEATURES,
+    UID_BLOCK,
     CodeSandbox,
     CodeSandboxConfig,
     SandboxUnavailableError,
@@ -74,7 +75,7 @@ def sandbox_processes() -> list[str]:
         except OSError:
             continue
         uid = int(status.split("Uid:")[1].split()[0])
-        if base <= uid < base + 64:
+        if base <= uid < base + 64 * UID_BLOCK:
             found.append(f"{entry.name}: {status.splitlines()[0]}")
     return found
 
@@ -84,8 +85,12 @@ def sandbox_dirs() -> set[str]:
 
 
 @pytest.fixture
-def no_leaks():
-    """Nothing left behind: no sandbox process, no sandbox work directory."""
+def no_leaks(monkeypatch):
+    """Nothing left behind: no sandbox process, no sandbox work directory (in a temporary folder of this test's own,
+    so that other programs' sandboxes on the machine do not count)."""
+    private = tempfile.mkdtemp(prefix="trl-qrpo-test-tmp-")
+    os.chmod(private, 0o755)
+    monkeypatch.setattr(tempfile, "tempdir", private)
     before = sandbox_dirs()
     yield
     deadline = time.monotonic() + 5
@@ -93,6 +98,7 @@ def no_leaks():
         time.sleep(0.1)
     assert sandbox_processes() == []
     assert sandbox_dirs() - before == set()
+    os.rmdir(private)  # empty
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,6 +193,7 @@ def test_column_errors_name_column_and_row(reward):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pass_rates(reward, no_leaks):
     completions = [
         GOOD,
@@ -203,6 +210,7 @@ def test_pass_rates(reward, no_leaks):
     assert score(reward, completions) == [1.0, 2 / 3, 0.0, 0.0, 1 / 3, 1.0, 0.0, 0.0, 0.0, 0.0]
 
 
+@pytest.mark.slow
 def test_imports_column_and_entry_point_expression(reward, no_leaks):
     test = "def check(candidate):\n    assert candidate([4, 9]) == [2, 3]\n    assert candidate([]) == []\n"
     solution = block(
@@ -233,6 +241,7 @@ inf = float('inf')
 """
 
 
+@pytest.mark.slow
 def test_leetcode_import_header_and_the_standard_library(reward):
     # the import header of LeetCodeDataset and the modules solutions commonly use import inside the sandbox
     solution = block("""
@@ -249,6 +258,7 @@ class Solution:
     assert score(reward, [solution], test, "Solution().top", imports=[LEETCODE_HEADER]) == [1.0]
 
 
+@pytest.mark.slow
 def test_asserts_in_a_loop_count_once(reward):
     test = """
 def check(candidate):
@@ -262,12 +272,14 @@ def check(candidate):
     assert score(reward, [solution], test, "sq") == [2 / 3]
 
 
+@pytest.mark.slow
 def test_code_pass_rate_reads_env(monkeypatch, no_leaks):
     monkeypatch.setenv("TRL_QRPO_SANDBOX_BACKEND", "subprocess")
     monkeypatch.setenv("TRL_QRPO_SANDBOX_NUM_WORKERS", "1")
     assert code_pass_rate(prompts=["p"], completions=[GOOD], test=[ADD_TEST], entry_point=["add"]) == [1.0]
 
 
+@pytest.mark.slow
 def test_configured_reward_is_named_and_picklable(reward):
     import pickle
 
@@ -277,12 +289,13 @@ def test_configured_reward_is_named_and_picklable(reward):
     assert score(copy, [GOOD]) == [1.0]
 
 
+@pytest.mark.slow
 def test_isolation_report_and_require_full(reward):
     sandbox = reward.sandbox
     assert set(sandbox.isolation) == set(ISOLATION_FEATURES)
     if IS_ROOT:
-        # as root every layer but one is in force with both backends; only bwrap hides the host's files
-        assert sandbox.lacks == ([] if sandbox.backend == "bwrap" else ["host_files_hidden"])
+        # as root every layer is in force with both backends (the fallback builds a minimal root as bwrap does)
+        assert sandbox.lacks == []
     config = CodeSandboxConfig(backend=sandbox.backend, require_full_isolation=True, **FAST)
     if sandbox.lacks:
         with pytest.raises(SandboxUnavailableError, match="require_full_isolation"):
@@ -291,6 +304,7 @@ def test_isolation_report_and_require_full(reward):
         assert CodeSandbox(config).lacks == []
 
 
+@pytest.mark.slow
 def test_missing_bwrap_is_an_error(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(SandboxUnavailableError, match="apt-get install bubblewrap"):
@@ -314,6 +328,7 @@ def hostile(reward, code: str, test: str = ONE_TEST) -> float:
     return hostile_score
 
 
+@pytest.mark.slow
 def test_infinite_loop(reward, no_leaks):
     start = time.monotonic()
     assert hostile(reward, "def f():\n    while True:\n        pass") == 0.0
@@ -321,6 +336,7 @@ def test_infinite_loop(reward, no_leaks):
     assert time.monotonic() - start < 20
 
 
+@pytest.mark.slow
 def test_memory_bomb(reward, no_leaks):
     code = "def f():\n    x = bytearray(10 * 2**30)\n    return 'escaped'"
     assert hostile(reward, code) == 0.0
@@ -328,6 +344,7 @@ def test_memory_bomb(reward, no_leaks):
     assert hostile(reward, code) == 0.0
 
 
+@pytest.mark.slow
 def test_fork_storm(reward, no_leaks):
     # a few hundred processes that each sleep: the process cap stops most of them; all are killed after the test
     code = """
@@ -348,6 +365,7 @@ def f():
     assert hostile(reward, code) == 0.0
 
 
+@pytest.mark.slow
 def test_network(reward, no_leaks):
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))
@@ -409,6 +427,7 @@ def snapshot(path: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
+@pytest.mark.slow
 def test_secret_from_environment(reward, no_leaks, monkeypatch, sentinel_dir):
     secret = "hf_" + os.urandom(8).hex()
     monkeypatch.setenv("HF_TOKEN", secret)
@@ -435,6 +454,7 @@ def f():
     assert not Path("/tmp/trl-qrpo-leak.txt").exists()
 
 
+@pytest.mark.slow
 def test_files_outside(reward, no_leaks, sentinel_dir):
     before = snapshot(sentinel_dir)
     home_marker = Path.home() / "trl-qrpo-sandbox-marker"
@@ -468,8 +488,10 @@ def f():
     assert not Path("/tmp/trl-qrpo-outside.txt").exists() and not Path("/dev/shm/trl-qrpo-outside.txt").exists()
 
 
+@pytest.mark.slow
 def test_reading_host_files_matches_the_report(reward, no_leaks):
-    # a world-readable file of the host (this test file): hidden with bwrap; readable with the subprocess backend,
+    # a world-readable file of the host (this test file): hidden with bwrap and with the fallback's minimal root;
+    # readable where the fallback cannot build one (no root, no user namespaces),
     # which reports that it does not hide host files
     code = f"def f():\n    open({str(Path(__file__).resolve())!r}).read()\n    return 'escaped'"
     readable = hostile(reward, code) == 1.0
@@ -477,6 +499,7 @@ def test_reading_host_files_matches_the_report(reward, no_leaks):
     assert "host_files_hidden" in reward.sandbox.lacks or not readable
 
 
+@pytest.mark.slow
 def test_kill_the_parent(reward, no_leaks):
     # A process outside the sandbox (as the scorer is) that a solution tries to kill by its host PID.
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
@@ -500,6 +523,7 @@ def test_kill_the_parent(reward, no_leaks):
         victim.wait()
 
 
+@pytest.mark.slow
 def test_os_system_and_subprocess(reward, no_leaks, sentinel_dir):
     before = snapshot(sentinel_dir)
     code = f"""
@@ -520,6 +544,7 @@ def f():
     assert not Path("/tmp/trl-qrpo-system.txt").exists()
 
 
+@pytest.mark.slow
 def test_many_solutions_in_parallel(reward, no_leaks):
     # results keep their order when solutions finish out of order
     slow = block("import time\ndef add(a, b):\n    time.sleep(0.3)\n    return a + b")
@@ -532,6 +557,7 @@ def test_many_solutions_in_parallel(reward, no_leaks):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_trl_qrpo_score_cli(tmp_path):
     rows = [
         {"prompt": "add two numbers", "completion": GOOD, "test": ADD_TEST, "entry_point": "add"},
@@ -570,7 +596,7 @@ UNPRIVILEGED_SCRIPT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
 from pkg.sandbox import CodeSandbox, CodeSandboxConfig, Program, split_tests
-sandbox = CodeSandbox(CodeSandboxConfig(backend="subprocess", num_workers=1, show_progress=False, max_processes=16))
+sandbox = CodeSandbox(CodeSandboxConfig(backend=sys.argv[3], num_workers=1, show_progress=False, max_processes=16))
 test = split_tests("def check(candidate):\\n    assert candidate() == 1\\n")
 codes = [
     "def f():\\n    return 1",
@@ -584,9 +610,11 @@ print(json.dumps({"lacks": sandbox.lacks, "results": results}))
 """
 
 
-def test_fallback_as_an_unprivileged_user():
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fallback_as_an_unprivileged_user(backend):
     """The scorer run by an ordinary user (here: nobody, through setpriv, with a system Python): no root, yet network,
-    PID, mount and user namespaces, a read-only file system and the process cap."""
+    PID, mount and user namespaces, a read-only minimal root that hides the host's files, and the process cap."""
     python = shutil.which("python3", path="/usr/bin:/bin")
     if not IS_ROOT or shutil.which("setpriv") is None or python is None:
         pytest.skip("needs root (to become nobody), setpriv and a python3 in /usr/bin that nobody may run")
@@ -608,7 +636,7 @@ def test_fallback_as_an_unprivileged_user():
         port = server.getsockname()[1]
         command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, str(folder / "run.py")]
         proc = subprocess.run(
-            command + [str(folder), str(port)],
+            command + [str(folder), str(port), backend],
             capture_output=True,
             text=True,
             timeout=120,
@@ -620,7 +648,7 @@ def test_fallback_as_an_unprivileged_user():
         server.close()
         assert proc.returncode == 0, proc.stderr[-3000:]
         report = json.loads(proc.stdout.strip().splitlines()[-1])
-        if report["lacks"] != ["host_files_hidden"]:
+        if report["lacks"] != []:
             # user namespaces refused here (a kernel or container setting): the fallback must say what it lacks
             assert {"network", "read_only_fs", "pid_namespace", "process_limit"} <= set(report["lacks"]), report
             return

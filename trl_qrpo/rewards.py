@@ -1,7 +1,7 @@
 """Ready-made reward functions with TRL's signature, `f(prompts, completions, **kwargs) -> list[float]`.
 
 They plug into `trl qrpo score` / `trl qrpo evaluate` (`--reward_funcs trl_qrpo.rewards.vader_sentiment`), into
-`trl_qrpo.reference.score_dataset(..., reward_funcs=[vader_sentiment])`, and into TRL's own trainers
+`trl_qrpo.precompute.score_dataset(..., reward_funcs=[vader_sentiment])`, and into TRL's own trainers
 (`GRPOTrainer(reward_funcs=vader_sentiment, ...)`), for plain-text and conversational completions alike.
 """
 
@@ -175,7 +175,7 @@ class CodePassRate:
                 raise ValueError(f"Column 'imports', {where}: expected Python source (or null), got {headers[i]!r}.")
             try:
                 units = list(_tests_of(tests[i]))
-            except (SyntaxError, ValueError) as error:
+            except (SyntaxError, ValueError, RecursionError, MemoryError) as error:
                 raise ValueError(
                     f"Column 'test', {where}: {error}. The tests must be Python source defining check(candidate) "
                     "with asserts (HumanEval / LeetCodeDataset format); fix or drop this row."
@@ -183,7 +183,7 @@ class CodePassRate:
             code = extract_code(completion_text(completions[i]), self.config.code_block)
             if code is not None and headers[i]:
                 code = headers[i].rstrip("\n") + "\n\n" + code
-            programs.append(Program(code, units, entry_points[i].strip()))
+            programs.append(Program(code, units, entry_points[i].strip(), header=headers[i] or ""))
         return programs
 
     def __call__(self, prompts=None, completions=None, test=None, entry_point=None, imports=None, **kwargs):
@@ -237,12 +237,15 @@ def code_pass_rate(prompts=None, completions=None, test=None, entry_point=None, 
 
     The solution is the completion's fenced ```python block (the first one; `code_block` option); a completion
     without a complete block scores 0. The optional `imports` header is put before it. `test` defines
-    `check(candidate)`; each of its top-level statements holding an `assert` is one test, run in its own process on
+    `check(candidate)`; each of its top-level statements holding an `assert` is one test, run in its own processes on
     `eval(entry_point)` (a loop of asserts is one test; the statements before a test that are not tests are its
-    set-up; see `trl_qrpo.sandbox.split_tests`). The reward is passed tests / tests, in [0, 1]; a syntax error, a
-    crash or a timeout fails the tests it affects and never raises. Tests run in parallel sandboxes (bubblewrap when
-    installed, else a locked-down subprocess: no network, read-only file system except a fresh temporary
-    directory, empty environment, memory / CPU / process limits); see docs/code-rewards.md.
+    set-up; see `trl_qrpo.sandbox.split_tests`). The test and the solution run in two sandboxes: `check` never runs
+    in the solution's interpreter, and only plain data (arguments in, the return value out) crosses, so nothing the
+    solution does but returning right answers makes a test pass. The reward is passed tests / tests, in [0, 1]; a
+    syntax error, a crash, a timeout or a return value that is not plain data fails the tests it affects and never
+    raises. Tests run in parallel sandboxes (bubblewrap when installed, else a locked-down subprocess: no network,
+    read-only file system except a size-limited tmpfs, empty environment, memory / CPU / process limits); see
+    docs/code-rewards.md.
 
     Options come from environment variables `TRL_QRPO_SANDBOX_<FIELD>` (fields of
     `trl_qrpo.sandbox.CodeSandboxConfig`: `BACKEND`, `REQUIRE_FULL_ISOLATION`, `CPU_TIME_LIMIT`, `TEST_TIMEOUT`,
