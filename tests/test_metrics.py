@@ -69,3 +69,19 @@ def test_spearman_correlation_contract():
     assert spearman_correlation(t, -t) == pytest.approx(-1.0)
     assert spearman_correlation(t[:1], t[:1]) is None  # fewer than 2 values
     assert spearman_correlation(t, torch.ones(6)) is None  # a constant input: undefined
+
+
+def test_within_prompt_length_slope_recovers_the_slope_and_ignores_prompt_effects():
+    from trl_qrpo.metrics import within_prompt_length_slope
+
+    rng = np.random.default_rng(0)
+    lengths = [rng.integers(5, 60, size=8) for _ in range(20)]
+    # reward = 0.02 per token + a large per-prompt offset: a pooled regression without intercepts would be fooled
+    rewards = [0.02 * n + 10.0 * i for i, n in enumerate(lengths)]
+    assert within_prompt_length_slope(rewards, lengths) == pytest.approx(0.02, abs=1e-12)
+    # with noise, the estimate is the least-squares slope of the demeaned data (numpy's polyfit as the oracle)
+    noisy = [r + rng.normal(0, 0.1, size=r.shape) for r in rewards]
+    demeaned_l = np.concatenate([n - n.mean() for n in lengths])
+    demeaned_r = np.concatenate([r - r.mean() for r in noisy])
+    assert within_prompt_length_slope(noisy, lengths) == pytest.approx(np.polyfit(demeaned_l, demeaned_r, 1)[0])
+    assert within_prompt_length_slope([[1.0, 2.0]], [[3, 3]]) is None  # no length variation: undefined

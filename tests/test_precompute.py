@@ -940,3 +940,26 @@ def test_status_names_the_missing_chunks_and_the_command_that_finishes_them(
     assert SUBCOMMANDS["status"]([str(out)], "trl qrpo status") == 0
     assert "complete" in capsys.readouterr().out
     assert SUBCOMMANDS["status"]([str(tmp_path)], "trl qrpo status") == 1
+
+
+def test_evaluate_reports_a_length_controlled_reward_from_the_reference_samples(tiny_model_dir):
+    """With the prompts' reference samples (`ref_rewards`, `ref_num_tokens`), each sample also gets
+    reward - slope x (length - the prompt's mean reference length), the slope fitted within prompts on the references."""
+    data = conversational_dataset(3).remove_columns(["completion"])
+    lengths = [[2, 4, 6], [3, 5, 10], [1, 4, 7]]
+    data = data.add_column("ref_num_tokens", lengths)
+    data = data.add_column("ref_rewards", [[0.5 * n + 3.0 * i for n in row] for i, row in enumerate(lengths)])
+    samples, summary = evaluate_policy(
+        data,
+        EvaluateConfig(
+            model_name_or_path=str(tiny_model_dir), reward_funcs=[length_reward], num_samples=2, max_new_tokens=6
+        ),
+    )
+    assert summary["meta"]["length_slope"] == pytest.approx(0.5)
+    for row in samples:
+        mean_ref = sum(lengths[row["row_index"]]) / 3
+        expected = row["reward"] - 0.5 * (row["num_tokens"] - mean_ref)
+        assert row["length_controlled_reward"] == pytest.approx(expected)
+    assert summary["mean_length_controlled_reward"] == pytest.approx(
+        sum(samples["length_controlled_reward"]) / len(samples)
+    )

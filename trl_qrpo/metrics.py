@@ -41,3 +41,32 @@ def spearman_correlation(x, y) -> float | None:
         warnings.simplefilter("ignore")  # ConstantInputWarning: answered with None below
         rho = float(spearmanr(x, y).statistic)
     return rho if math.isfinite(rho) else None
+
+
+def within_prompt_length_slope(rewards: list, lengths: list) -> float | None:
+    """The slope of reward on length pooled over prompts, each prompt with its own intercept (a fixed-effects
+    regression): sum over prompts and samples of (l - mean_l) (r - mean_r), over the sum of (l - mean_l)^2, the means
+    taken per prompt.
+
+    This is the regression behind a length-controlled reward (`evaluate`): fitted on the reference model's own samples
+    of each prompt, it says how much reward one more token brings at equal prompt, and
+    `reward - slope * (length - the prompt's mean reference length)` compares samples of different lengths.
+
+    Args:
+        rewards, lengths (lists of per-prompt sequences of numbers): the reference samples' rewards and lengths, one
+            inner sequence per prompt (prompts with fewer than two samples add nothing).
+
+    Returns:
+        The slope, or None when no prompt's lengths vary.
+    """
+    numerator = denominator = 0.0
+    for r, n in zip(rewards, lengths, strict=True):
+        r, n = _as_float64(r), _as_float64(n)
+        if r.shape != n.shape:
+            raise ValueError(f"within_prompt_length_slope: {r.size} rewards but {n.size} lengths for one prompt.")
+        if r.size < 2:
+            continue
+        dn = n - n.mean()
+        numerator += float(np.dot(dn, r - r.mean()))
+        denominator += float(np.dot(dn, dn))
+    return numerator / denominator if denominator > 0 else None

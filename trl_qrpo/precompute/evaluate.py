@@ -20,18 +20,21 @@ import numpy as np
 from ..columns import (
     COMPLETION,
     COMPLETION_IDS,
+    LENGTH_CONTROLLED_REWARD,
     LOGRATIO,
     NUM_TOKENS,
     POLICY_LOGP,
     PROMPT,
     REF_LOGP,
+    REF_NUM_TOKENS,
+    REF_REWARDS,
     REWARD,
     ROW_INDEX,
     SAMPLE_INDEX,
     TRUNCATED,
 )
 from ..logps import sequence_logps
-from ..metrics import spearman_correlation
+from ..metrics import spearman_correlation, within_prompt_length_slope
 from ..tokenization import tokenize_prompt
 from .backends import make_sampler, make_scorer
 from .chunks import ChunkedTask, ShardPlan, run_chunked
@@ -55,7 +58,8 @@ def summarize_evaluation(samples, **meta) -> dict:
     Returns:
         `dict`: `num_prompts`, `num_samples`, `mean_reward`, `std_reward`, `stderr_reward`, `kl` (mean sequence
         log-ratio, the KL estimate), `kl_stderr`, `mean_num_tokens`, `truncated_fraction`,
-        `reward_length_spearman` (rank correlation of reward and length), and `meta`.
+        `reward_length_spearman` (rank correlation of reward and length), with reference samples in the input
+        `mean_length_controlled_reward` and its `stderr_length_controlled_reward`, and `meta`.
     """
     rewards = np.asarray(samples[REWARD], dtype=np.float64)
     lengths = np.asarray(samples[NUM_TOKENS], dtype=np.float64)
@@ -81,6 +85,10 @@ def summarize_evaluation(samples, **meta) -> dict:
         summary["kl"], summary["kl_stderr"] = float(logratio.mean()), stderr(logratio)
     if n > 2:
         summary["reward_length_spearman"] = spearman_correlation(rewards, lengths)
+    if LENGTH_CONTROLLED_REWARD in samples.column_names:
+        controlled = np.asarray(samples[LENGTH_CONTROLLED_REWARD], dtype=np.float64)
+        summary["mean_length_controlled_reward"] = float(controlled.mean())
+        summary["stderr_length_controlled_reward"] = stderr(controlled)
     summary.update(meta)
     return summary
 
@@ -149,6 +157,9 @@ def evaluate_policy(
     }
     plan = ShardPlan(len(dataset), args.chunk_size, args.num_shards, args.shard_index)
     state = {}
+    length_control = _length_control(dataset)
+    if length_control is not None:
+        params["length_slope"] = length_control[0]
 
     def setup():
         state["sampler"] = make_sampler(args, model, tokenizer)
@@ -194,6 +205,12 @@ def evaluate_policy(
         except RewardFunctionError as error:
             rows = sorted({out[ROW_INDEX][i] for i in error.positions})
             raise ValueError(error.describe(f"samples of rows {rows_range(rows)} (0-based)")) from None
+        if length_control is not None:  # reward - slope x (length - the prompt's mean reference length)
+            slope, ref_lengths = length_control
+            out[LENGTH_CONTROLLED_REWARD] = [
+                r - slope * (n - ref_lengths[row])
+                for r, n, row in zip(out[REWARD], out[NUM_TOKENS], out[ROW_INDEX], strict=True)
+            ]
         bad = [i for i, r in enumerate(out[REWARD]) if math.isnan(r)]
         if bad:
             raise ValueError(
@@ -227,6 +244,20 @@ def evaluate_policy(
         write_json(Path(output_dir) / SUMMARY_NAME, summary)
     logger.info("Evaluation summary: " + json.dumps({k: v for k, v in summary.items() if k != "meta"}))
     return samples, summary
+
+
+def _length_control(dataset) -> tuple[float, list[float]] | None:
+    """The length-controlled reward's regression, when the prompts come with their reference samples' rewards and
+    lengths (`ref_rewards`, `ref_num_tokens`: `generate` + `score` output): the within-prompt slope of reward on length
+    over the whole dataset (every shard computes the same) and each prompt's mean reference length."""
+    if REF_REWARDS not in dataset.column_names or REF_NUM_TOKENS not in dataset.column_names:
+        return None
+    rewards, lengths = dataset[REF_REWARDS], dataset[REF_NUM_TOKENS]
+    slope = within_prompt_length_slope(rewards, lengths)
+    if slope is None:
+        logger.warning("The reference samples' lengths do not vary: no length-controlled reward.")
+        return None
+    return slope, [float(np.mean(n)) if n else math.nan for n in lengths]
 
 
 # Options that change the samples (a restart with other values is refused) and options that do not.
