@@ -218,7 +218,12 @@ def build_report(cfg: ExperimentConfig, work: Path, results_dir: Path) -> dict:
         "pointwise_data": _load_if(work / "pointwise_stats.json"),
         "runs": [
             {k: v for k, v in r.items() if k != "train"}
-            | {"train_steps": r["train"]["steps"], "train_loss": r["train"]["train_loss"]}
+            | {
+                "train_steps": r["train"]["steps"],
+                "train_loss": r["train"]["train_loss"],
+                # every logged step (loss, epoch, target and implicit reward per side, residual): how a run got there
+                "train_log": [h for h in r["train"].get("log_history", []) if "loss" in h],
+            }
             for r in all_runs
         ],
         "reference_runs": ref_runs,

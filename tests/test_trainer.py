@@ -175,10 +175,16 @@ def test_metrics_are_logged_under_stable_names(tiny_model_dir, tmp_path):
         "rewards/rejected",
         "rewards/accuracies",
         "rewards/margins",
+        "target/chosen",
+        "target/rejected",
+        "residual/chosen_rms",
+        "residual/rejected_rms",
         "entropy",
         "num_tokens",
     ]:
         assert name in logged, name
+    # the per-side targets average to the batch's (equal numbers of chosen and rejected completions)
+    assert (logged["target/chosen"] + logged["target/rejected"]) / 2 == pytest.approx(logged["target/mean"], rel=1e-5)
     assert logged["beta_log_z"] == pytest.approx(0.1 * get_transform("identity").log_partition(0.1), rel=1e-5)
     assert 0.0 <= logged["rewards/accuracies"] <= 1.0
 

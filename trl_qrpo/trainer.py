@@ -572,6 +572,9 @@ class QRPOTrainer(DPOTrainer):
             chosen, rejected = implicit[side == 0], implicit[side == 1]
             metrics["rewards/chosen"].append(chosen.mean().item())
             metrics["rewards/rejected"].append(rejected.mean().item())
+            for name, index in (("chosen", 0), ("rejected", 1)):  # what each side regresses onto, and how far off
+                metrics[f"target/{name}"].append(target[side == index].mean().item())
+                metrics[f"residual/{name}_rms"].append(residual[side == index].square().mean().sqrt().item())
             metrics["rewards/margins"].append((chosen - rejected).mean().item())
             metrics["rewards/accuracies"].append((chosen > rejected).float().mean().item())
         shift_mask = inputs["completion_mask"][:, 1:]
