@@ -572,3 +572,12 @@ def test_stored_reference_log_probs_for_other_tokens_are_reported(tiny_model_dir
     missing = [dict(row, ref_logp=None if i == 2 else logp) for i, (row, logp) in enumerate(zip(rows, logps))]
     with pytest.raises(ValueError, match=r"Column 'ref_logp', row 2.*missing"):
         QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path), train_dataset=as_dataset(missing))
+
+
+def test_a_prepared_dataset_is_taken_as_it_is(tiny_model_dir, tmp_path):
+    """A dataset another QRPOTrainer prepared (tokenised, targets computed) trains again without being re-prepared."""
+    first = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path / "a"), train_dataset=as_dataset(make_rows(4)))
+    prepared = first.train_dataset
+    second = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path / "b"), train_dataset=prepared)
+    assert second.train_dataset["target"] == prepared["target"]
+    assert second.train_dataset["completion_ids"] == prepared["completion_ids"]

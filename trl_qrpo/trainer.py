@@ -213,6 +213,8 @@ class QRPOTrainer(DPOTrainer):
         layout, the formats, validation, quantiles and the sample selector (and the targets when they need no token
         counts). `__init__` runs it before DPOTrainer loads any model, so bad data fails in seconds."""
         columns = dataset.column_names or list(next(iter(dataset)).keys())
+        if PROMPT_IDS in columns and COMPLETION_IDS in columns and TARGET in columns:
+            return dataset  # a dataset this trainer prepared already
         map_kwargs = {}
         is_map_style = isinstance(dataset, Dataset)
         if is_map_style:
