@@ -581,3 +581,14 @@ def test_a_prepared_dataset_is_taken_as_it_is(tiny_model_dir, tmp_path):
     second = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path / "b"), train_dataset=prepared)
     assert second.train_dataset["target"] == prepared["target"]
     assert second.train_dataset["completion_ids"] == prepared["completion_ids"]
+
+
+def test_evaluating_a_new_set_after_training_on_stored_log_probs_is_refused(tiny_model_dir, tmp_path):
+    """No reference model is kept: a new evaluation set after training cannot get reference log-probs (TRL's refusal,
+    not a silent use of the trained policy as the reference)."""
+    rows, _, logps = _sampled_rows(tiny_model_dir, n=4)
+    stored = [dict(row, ref_logp=logp) for row, logp in zip(rows, logps, strict=True)]
+    trainer = QRPOTrainer(model=str(tiny_model_dir), args=config(tmp_path), train_dataset=as_dataset(stored))
+    trainer.train()
+    with pytest.raises(ValueError, match="after training has started"):
+        trainer.evaluate(as_dataset(make_rows(2, paired=False)))
