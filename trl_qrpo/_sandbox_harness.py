@@ -708,9 +708,9 @@ def _serve_calls(sock, namespace, entry, limits) -> None:
             _send(sock, {"bad": f"the return value: {reason}"})
 
 
-def _solution_child(code, entry_point: str, sock, limits: dict, pid_ns: bool) -> None:
-    """Forked per test: executes the solution afresh, then serves calls. Never returns."""
-    import builtins
+def _start_test_process(pid_ns: bool, cpu_seconds) -> None:
+    """What both per-test forks do first: their own process group (without a PID namespace), killed with their
+    parent, no standard streams, the test's CPU limit. Exits the process (status 3) if any of it fails."""
     import resource
 
     try:
@@ -720,10 +720,17 @@ def _solution_child(code, entry_point: str, sock, limits: dict, pid_ns: bool) ->
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        cpu = int(limits["cpu"])
+        cpu = int(cpu_seconds)
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
     except BaseException:  # noqa: BLE001 (nothing may escape the child)
         os._exit(3)
+
+
+def _solution_child(code, entry_point: str, sock, limits: dict, pid_ns: bool) -> None:
+    """Forked per test: executes the solution afresh, then serves calls. Never returns."""
+    import builtins
+
+    _start_test_process(pid_ns, limits["cpu"])
     try:
         namespace = {"__name__": "solution", "__builtins__": builtins}
         exec(code, namespace)  # noqa: S102 (running it is the point; this is the sandboxed child)
@@ -847,19 +854,8 @@ def _free_names(source: str) -> set:
 def _test_child(job: dict, test: str, sock, nonce: bytes, write_fd: int, pid_ns: bool) -> None:
     """Forked per test: header and test module, then check(proxy); the token on success. Never returns."""
     import builtins
-    import resource
 
-    try:
-        if not pid_ns:
-            os.setpgid(0, 0)
-        _prctl(_libc(), _PR_SET_PDEATHSIG, signal.SIGKILL)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        cpu = int(job["limits"]["cpu"])
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    except BaseException:  # noqa: BLE001
-        os._exit(3)
+    _start_test_process(pid_ns, job["limits"]["cpu"])
     limits = job["limits"]
     max_bytes, max_nodes = limits["value_bytes"], limits["value_nodes"]
     failures = []
