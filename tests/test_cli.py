@@ -61,7 +61,7 @@ def test_unknown_subcommand_is_an_error_that_lists_the_known_ones(monkeypatch, c
     _fake_precompute_cli(monkeypatch, {"generate": lambda argv, prog: 0, "score": lambda argv, prog: 0})
     assert cli.main(["genrate"], prog="trl qrpo") == 2
     err = capsys.readouterr().err
-    assert "'genrate'" in err and "env, generate, prepare-smollm2, score" in err and "trl qrpo --config" in err
+    assert "'genrate'" in err and "env, generate, iterate, prepare-smollm2, score" in err and "trl qrpo --config" in err
 
 
 def test_no_arguments_prints_help_instead_of_launching(monkeypatch, capsys):
@@ -79,7 +79,7 @@ def test_real_precompute_cli_subcommands_follow_the_contract():
     from trl_qrpo.scripts.precompute_cli import HELP, SUBCOMMANDS
 
     assert sorted(SUBCOMMANDS) == PRECOMPUTE_COMMANDS
-    assert sorted(cli.get_subcommands()) == sorted(["env", "prepare-smollm2", *PRECOMPUTE_COMMANDS])
+    assert sorted(cli.get_subcommands()) == sorted(["env", "prepare-smollm2", "iterate", *PRECOMPUTE_COMMANDS])
     for name, function in SUBCOMMANDS.items():
         assert callable(function) and not name.startswith("-") and HELP.get(name), name
         assert cli.get_subcommands()[name] is function

@@ -906,6 +906,36 @@ def test_generate_and_ref_logps_under_a_two_process_launcher_equal_one_process(t
     assert two["ref_logp"] == pytest.approx(one["ref_logp"], abs=1e-4)
 
 
+@pytest.mark.slow
+def test_evaluate_under_a_two_process_launcher_equals_one_process(tiny_model_dir, tmp_path):
+    """`torchrun --nproc_per_node 2 -m trl_qrpo evaluate`: one shard per process, merged by rank 0 with the summary
+    of every sample; samples and summary equal one process's."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    source = tmp_path / "prompts.jsonl"
+    conversational_dataset().to_json(str(source), lines=True)
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    args = ["--dataset_name", str(source), "--model_name_or_path", str(tiny_model_dir), "--ref_model_name_or_path"]
+    args += [str(tiny_model_dir), "--reward_funcs", "test_precompute.length_reward", "--num_samples", "2"]
+    args += ["--max_new_tokens", "5", "--chunk_size", "2", "--backend", "transformers"]
+    for name, launcher in (("one", [sys.executable, "-m"]), ("two", [torchrun, "--nproc_per_node", "2", "-m"])):
+        command = [*launcher, "trl_qrpo", "evaluate", *args, "--output_dir", str(tmp_path / name)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (load_from_disk(str(tmp_path / name)) for name in ("one", "two"))
+    assert (tmp_path / "two" / "shards").is_dir() and len(two) == len(one) == 2 * len(conversational_dataset())
+    assert two["completion_ids"] == one["completion_ids"] and two["reward"] == one["reward"]
+    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("one", "two")]
+    assert summaries[1]["num_samples"] == summaries[0]["num_samples"]
+    assert summaries[1]["mean_reward"] == pytest.approx(summaries[0]["mean_reward"])
+    assert summaries[1]["kl"] == pytest.approx(summaries[0]["kl"], abs=1e-4)
+
+
 def test_status_names_the_missing_chunks_and_the_command_that_finishes_them(
     tiny_model_dir, tmp_path, monkeypatch, capsys
 ):

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
@@ -21,8 +22,12 @@ ACCELERATE_DIR = RECIPES / "accelerate_configs"
 # Configs of the pre-computation subcommands (`trl qrpo generate --config ...`) are named after their subcommand.
 SUBCOMMAND_CONFIGS = {"generate.yaml", "score.yaml", "build-offpolicy.yaml", "merge.yaml", "evaluate.yaml"}
 PRECOMPUTE_CONFIGS = sorted(p for p in RECIPES.rglob("*.yaml") if p.name in SUBCOMMAND_CONFIGS)
+# Configs of `trl qrpo iterate --config ...`: IterateConfig's fields and one section per stage.
+ITERATE_CONFIGS = sorted(RECIPES.rglob("iterate.yaml"))
 TRAINING_RECIPES = sorted(
-    p for p in RECIPES.rglob("*.yaml") if ACCELERATE_DIR not in p.parents and p.name not in SUBCOMMAND_CONFIGS
+    p
+    for p in RECIPES.rglob("*.yaml")
+    if ACCELERATE_DIR not in p.parents and p.name not in SUBCOMMAND_CONFIGS and p not in ITERATE_CONFIGS
 )
 PAPER_RECIPES = sorted((RECIPES / "paper").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted(ACCELERATE_DIR.glob("*.yaml"))
@@ -152,6 +157,36 @@ def test_precompute_config_parses(path, in_repo):
         assert (REPO / args.dataset_name).is_file(), "input data in the repository"
     if getattr(args, "output_dir", None):
         assert args.output_dir.startswith("outputs/"), "outputs/ is git-ignored"
+
+
+@pytest.mark.parametrize("path", ITERATE_CONFIGS, ids=_id)
+def test_iterate_config_parses_with_every_stage(path, in_repo, tmp_path):
+    """`trl qrpo iterate`'s parser, then every stage's options through its own command's parser (the training
+    section as a `trl qrpo --config` recipe, accelerate's keys included), as the run writes them."""
+    from trl import TrlParser
+
+    from trl_qrpo.iterative import IterateConfig, plan_stages
+    from trl_qrpo.precompute import BuildOffPolicyConfig
+    from trl_qrpo.scripts import precompute_cli
+
+    (config,) = TrlParser((IterateConfig,)).parse_args_and_config(args=["--config", str(path)])
+    assert f"trl qrpo iterate --config {path.relative_to(REPO)}" in path.read_text(), "the header shows the command"
+    assert config.output_dir.startswith("outputs/"), "outputs/ is git-ignored"
+    for name in ("dataset_name", "eval_dataset_name"):
+        assert (REPO / getattr(config, name)).is_file(), "prompts in the repository"
+    stages = plan_stages(config)
+    assert {s.command for s in stages} >= {"generate", "score", "build-offpolicy", "train", "evaluate"}
+    for stage in stages:
+        stage_file = tmp_path / f"{stage.name.replace('/', '-')}.yaml"
+        stage_file.write_text(yaml.safe_dump(stage.options))
+        if stage.command == "train":
+            parse_recipe(stage_file)
+        elif stage.command == "build-offpolicy":  # the run's own step (in its process): the section is the config's
+            BuildOffPolicyConfig(**config.build_offpolicy)
+        elif stage.command in precompute_cli.COMMAND_CONFIGS:
+            TrlParser(precompute_cli.COMMAND_CONFIGS[stage.command]).parse_args_and_config(
+                args=["--config", str(stage_file)]
+            )
 
 
 def test_quickstart_pipeline_is_wired(in_repo):

