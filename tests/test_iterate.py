@@ -307,8 +307,8 @@ def test_two_rounds_on_the_quick_start_model(tmp_path):
     config = _config(
         model,
         tmp_path,
-        dataset_name=_prompts(tmp_path / "prompts.jsonl", 4),
-        eval_dataset_name=_prompts(tmp_path / "eval.jsonl", 2, offset=4),
+        dataset_name=_prompts(tmp_path / "quickstart-prompts.jsonl", 4),
+        eval_dataset_name=_prompts(tmp_path / "quickstart-eval.jsonl", 2, offset=4),
         generate={**sampling, "num_generations": 4},
         score={"reward_funcs": ["trl_qrpo.rewards.vader_sentiment"]},
         train={
