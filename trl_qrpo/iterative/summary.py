@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..columns import POLICY_LOGP, REF_LOGP
+from ..precompute.chunks import read_manifest
 from ..precompute.io import write_json
 from .config import IterateConfig
 from .plan import EVALUATE, EVALUATE_REF_LOGPS, START, TRAIN_DATA, reference_of, round_dir
@@ -50,9 +51,7 @@ def _entry(
     entry["kl_to_reference"], entry["kl_to_reference_stderr"] = entry["kl_to_start"], entry["kl_to_start_stderr"]
     if round_index is not None and reference != config.model_name_or_path:
         own = evaluation.parent / EVALUATE_REF_LOGPS
-        if not (own / "qrpo_manifest.json").is_file() or not json.loads((own / "qrpo_manifest.json").read_text()).get(
-            "complete"
-        ):
+        if not (read_manifest(own) or {}).get("complete"):
             entry["kl_to_reference"] = entry["kl_to_reference_stderr"] = None
         else:
             from datasets import load_from_disk
