@@ -16,7 +16,7 @@ from typing import Literal
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-PROFILES = ("quick", "comparison", "frontier")
+PROFILES = ("quick", "comparison", "frontier", "residuals", "powered")
 METHODS = ("qrpo", "dpo", "simpo", "rebel")
 
 
@@ -50,6 +50,9 @@ class ExperimentConfig:
     split_seed: int = _opt(0, "Seed of the prompts' shuffle before the train / eval split.")
     split_num_train: int = _opt(48, "Prompts that get references and a training pair.")
     split_num_eval: int = _opt(48, "Held-out prompts of the evaluation.")
+    split_num_validation: int = _opt(
+        0, "Further held-out prompts (after the evaluation's) on which the `lr_select` group picks learning rates."
+    )
     references_num_candidates: int = _opt(6, "The training pair is the best and worst of the first this many.")
     references_num_ref_rewards: int = _opt(50, "Further, independent references whose rewards give the quantiles.")
     references_max_new_tokens: int = _opt(32, "Tokens per reference at most (temperature 1, top_p 1).")
@@ -97,6 +100,26 @@ class ExperimentConfig:
         [1.0, 0.3, 0.1, 0.03, 0.01], "Betas of QRPO trained pointwise on every candidate (group pointwise)."
     )
     frontier_sweep_kl_grid: list[float] = _opt([1, 2, 4, 8], "KLs at which the report reads each frontier's reward.")
+    powered_betas_qrpo: list[float] = _opt(
+        [0.1, 0.03], "Betas of QRPO pointwise (every candidate of a prompt, its own reward) in the powered comparison."
+    )
+    powered_betas_dpo: list[float] = _opt(
+        [0.3, 0.03], "Betas of DPO, on best/worst pairs and on pairs drawn from all pairs, in the powered comparison."
+    )
+    powered_learning_rates: list[float] = _opt(
+        [3e-5, 6e-5], "The learning-rate grid: `lr_select` trains each method at its first beta with each, seed 0."
+    )
+    powered_max_kl: float = _opt(
+        12.0,
+        "lr_select keeps the learning rate of highest validation reward among those with validation KL below this.",
+    )
+    powered_kl_step: float = _opt(0.5, "Spacing of the matched KLs at which the methods are compared.")
+    powered_bootstrap: int = _opt(2000, "Bootstrap draws (test prompts resampled, paired across methods).")
+    residuals_runs: dict | str | None = _opt(
+        None,
+        "Runs of the `residuals` group: name -> {method, beta, data, learning_rate, warmup_ratio, epochs, reference} "
+        "(experiments/plan.py residual_spec; unset options: the training settings above).",
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # YAML gives ints where floats are meant, strings for the dicts
@@ -105,7 +128,7 @@ class ExperimentConfig:
                 setattr(self, f.name, [float(v) for v in value])
             elif f.type == list[int]:
                 setattr(self, f.name, [int(v) for v in value])
-            elif isinstance(value, str) and f.name in ("train_lora", "sweep_transforms"):
+            elif isinstance(value, str) and f.name in ("train_lora", "sweep_transforms", "residuals_runs"):
                 setattr(self, f.name, yaml.safe_load(value))
         self.threads = str(self.threads)
         for name in ("work_dir", "results_dir", "prompts_file"):
@@ -127,6 +150,12 @@ class RunOptions:
     quick: bool = _opt(False, "Profile: the whole pipeline, small (about 9 minutes); nothing goes to docs/.")
     comparison: bool = _opt(False, "Profile: the method comparison alone, 16 references per prompt (about 30 min).")
     frontier: bool = _opt(False, "Profile: the reward-KL frontiers, 4 methods x 5 betas x 2 seeds (about 2 h 20).")
+    residuals: bool = _opt(
+        False, "Profile: the training residuals step by step, 10 runs with the probe (about 40 min)."
+    )
+    powered: bool = _opt(
+        False, "Profile: QRPO pointwise vs DPO (best/worst, all pairs) at matched KL, 4 seeds, learning rates picked."
+    )
     only: list[str] | None = _opt(None, "Run groups to do now (of `groups`); the others wait for a later run.")
     report_only: bool = _opt(False, "Only rebuild the tables and plots from the finished runs.")
     until: Literal["pairs", "reference"] | None = _opt(None, "Stop after this stage.")

@@ -3,11 +3,13 @@
     python experiments/run.py --config experiments/config.yaml --report_only
 
 Reads `work_dir/eval/reference-s*/result.json` and `work_dir/runs/*/result.json`, writes to `results_dir`:
-results.json (everything), main.csv (method x beta, mean and std over seeds), sweep_transforms.csv,
+results.json (everything), main.csv (method x beta, mean, std and standard error over seeds), sweep_transforms.csv,
 sweep_num_ref_rewards.csv, reward_vs_kl.png, length_vs_reward.png, qrpo_sweeps.png, examples.md (for the groups
 main ... baseline_beta); with the `frontier` / `pointwise` groups (the --frontier profile): frontier.png (reward and
-length of fresh samples against KL, one curve per method over its betas, bars = std over seeds), frontier.csv,
-frontier_table.md.
+length of fresh samples against KL, one curve per method over its betas, bars = standard error over seeds), frontier.csv,
+frontier_table.md; with the `residuals` group (the --residuals profile): residuals_table.md, residuals.csv and
+residuals.png (experiments/residuals.py); with the `powered` group (the --powered profile): powered_table.md,
+powered.csv, powered.png (matched-KL differences with paired bootstrap intervals, experiments/powered.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 from config import METHODS, ExperimentConfig, portable
+from powered import length_controlled_rewards, matched_kl_bootstrap, matched_kl_grid
+from residuals import residual_rows, residuals_markdown, residuals_plot
 
 from trl_qrpo.precompute.io import write_json
 
@@ -69,7 +73,7 @@ def _stat(values: list) -> tuple[float | None, float | None]:
 
 
 def aggregate(results: list[dict], keys: tuple[str, ...]) -> list[dict]:
-    """Group runs by `keys` and give the mean and std (over seeds) of every metric."""
+    """Group runs by `keys` and give the mean, std and standard error (over seeds) of every metric."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
@@ -82,6 +86,8 @@ def aggregate(results: list[dict], keys: tuple[str, ...]) -> list[dict]:
         for metric in METRICS:
             mean, std = _stat([r["eval"].get(metric) for r in runs])
             row[metric], row[f"{metric}_std"] = mean, std
+            # the standard error of the mean over seeds: what the tables' "±" and the plots' bars show
+            row[f"{metric}_se"] = None if std is None else std / math.sqrt(len(runs))
         if len(runs) == 1:  # one seed: the per-sample standard errors instead
             row["reward_stderr"] = runs[0]["eval"].get("reward_stderr")
             row["kl_stderr"] = runs[0]["eval"].get("kl_stderr")
@@ -115,6 +121,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def markdown_table(main_rows: list[dict], reference: dict | None) -> str:
     header = (
+        "Mean ± standard error over the seeds of each row (no ± with one seed).\n\n"
         "| method | beta | seeds | reward | KL(pi‖pi_ref) | length (tokens) | length bias rho, own samples | "
         "length bias rho, pi_ref samples |\n|---|---|---|---|---|---|---|---|\n"
     )
@@ -122,16 +129,16 @@ def markdown_table(main_rows: list[dict], reference: dict | None) -> str:
     if reference:
         lines.append(
             f"| pi_ref | – | {reference['num_seeds']} "
-            f"| {_fmt(reference['reward'], reference['reward_std'], signed=True)} "
-            f"| 0 | {_fmt(reference['length'], reference['length_std'], 1)} | – | – |"
+            f"| {_fmt(reference['reward'], reference['reward_se'], signed=True)} "
+            f"| 0 | {_fmt(reference['length'], reference['length_se'], 1)} | – | – |"
         )
     for r in main_rows:
         lines.append(
             f"| {LABELS[r['method']]} | {r['beta']:g} | {r['num_seeds']} "
-            f"| {_fmt(r['reward'], r['reward_std'], signed=True)} "
-            f"| {_fmt(r['kl'], r['kl_std'], 2)} | {_fmt(r['length'], r['length_std'], 1)} "
-            f"| {_fmt(r['length_bias_own_samples'], r['length_bias_own_samples_std'], 2, True)} "
-            f"| {_fmt(r['length_bias_reference_samples'], r['length_bias_reference_samples_std'], 2, True)} |"
+            f"| {_fmt(r['reward'], r['reward_se'], signed=True)} "
+            f"| {_fmt(r['kl'], r['kl_se'], 2)} | {_fmt(r['length'], r['length_se'], 1)} "
+            f"| {_fmt(r['length_bias_own_samples'], r['length_bias_own_samples_se'], 2, True)} "
+            f"| {_fmt(r['length_bias_reference_samples'], r['length_bias_reference_samples_se'], 2, True)} |"
         )
     return header + "\n".join(lines) + "\n"
 
@@ -140,7 +147,8 @@ def build_report(cfg: ExperimentConfig, work: Path, results_dir: Path) -> dict:
     results_dir.mkdir(parents=True, exist_ok=True)
     ref_runs = [_load(p) for p in sorted((work / "eval").glob("reference-s*/result.json"))]
     all_runs = [_load(p) for p in sorted((work / "runs").glob("*/result.json"))]
-    runs = [r for r in all_runs if _data(r) == "pairs"]  # the method comparison and QRPO sweeps: pairs only
+    # the method comparison and QRPO sweeps: pairs only, not the residual study's runs (other learning rates)
+    runs = [r for r in all_runs if _data(r) == "pairs" and "residuals" not in r.get("groups", [])]
     main_betas = {m: cfg.betas(m)[0] for m in METHODS}
     qrpo_default = cfg.methods_qrpo_transform
     n_max = cfg.references_num_ref_rewards
@@ -186,7 +194,7 @@ def build_report(cfg: ExperimentConfig, work: Path, results_dir: Path) -> dict:
     timing = _load(work / "timing.json") if (work / "timing.json").exists() else None
 
     groups = cfg.groups
-    classic = [g for g in groups if g not in FRONTIER_GROUPS]
+    classic = [g for g in groups if g not in FRONTIER_GROUPS and g not in ("residuals", "lr_select", "powered")]
     if classic:
         write_csv(results_dir / "main.csv", ([dict(reference, beta=None)] if reference else []) + main_rows)
         write_csv(results_dir / "sweep_transforms.csv", transform_rows)
@@ -200,6 +208,19 @@ def build_report(cfg: ExperimentConfig, work: Path, results_dir: Path) -> dict:
             frontier_markdown(frontier_rows, reference, kl_grid, _load_if(work / "pointwise_stats.json"))
         )
         _frontier_plot(results_dir / "frontier.png", frontier_rows, reference)
+    residual_table = None
+    if "residuals" in groups:
+        order = list(cfg.residuals_runs or {})  # the configuration's order
+        residual_table = sorted(
+            residual_rows(all_runs), key=lambda r: order.index(r["name"]) if r["name"] in order else len(order)
+        )
+        write_csv(results_dir / "residuals.csv", residual_table)
+        (results_dir / "residuals_table.md").write_text(residuals_markdown(residual_table, reference))
+        residuals_plot(results_dir / "residuals.png", all_runs, residual_table)
+    powered_summary = None
+    if "powered" in groups:
+        powered_summary = powered_report(cfg, work, results_dir)
+    if frontier_rows is not None or residual_table is not None or powered_summary is not None:
         (results_dir / "config.yaml").write_text(
             "# The exact configuration of these results (profile and flags applied), written by report.py;\n"
             "# it runs again with: python experiments/run.py --config <this file>\n"
@@ -216,6 +237,8 @@ def build_report(cfg: ExperimentConfig, work: Path, results_dir: Path) -> dict:
         "qrpo_num_ref_rewards_all_seeds": n_rows,
         "frontier": frontier_rows,
         "pointwise_data": _load_if(work / "pointwise_stats.json"),
+        "residuals": residual_table,
+        "powered": powered_summary,
         "runs": [
             {k: v for k, v in r.items() if k != "train"}
             | {
@@ -247,7 +270,7 @@ def _load_if(path: Path):
 
 def frontier_table(cfg: dict, runs: list[dict]) -> list[dict]:
     """One row per (method, data, beta) of the runs planned in a frontier group (the groups each result.json
-    records): mean and std over seeds, in curve order and, within a curve, from the largest beta (least KL) to the
+    records): mean, std and standard error over seeds, in curve order and, within a curve, from the largest beta (least KL) to the
     smallest."""
     chosen = [dict(r, data=_data(r)) for r in runs if set(r.get("groups", [])) & set(FRONTIER_GROUPS)]
     order = {key: i for i, key in enumerate(CURVES)}
@@ -276,7 +299,7 @@ def _curves(rows: list[dict]) -> dict:
 
 def frontier_markdown(rows: list[dict], reference: dict | None, kl_grid: list[float], pointwise: dict | None) -> str:
     lines = [
-        "# Reward-KL frontiers (held-out prompts; mean ± std over seeds)\n",
+        "# Reward-KL frontiers (held-out prompts; mean ± standard error over seeds)\n",
         (
             "| curve | beta | seeds | reward | KL(pi‖pi_ref) (nats) | length (tokens) | truncated | steps | "
             "sequences / step |"
@@ -285,14 +308,14 @@ def frontier_markdown(rows: list[dict], reference: dict | None, kl_grid: list[fl
     ]
     if reference:
         lines.append(
-            f"| pi_ref | – | {reference['num_seeds']} | {_fmt(reference['reward'], reference['reward_std'], signed=True)}"
-            f" | 0 | {_fmt(reference['length'], reference['length_std'], 1)} "
+            f"| pi_ref | – | {reference['num_seeds']} | {_fmt(reference['reward'], reference['reward_se'], signed=True)}"
+            f" | 0 | {_fmt(reference['length'], reference['length_se'], 1)} "
             f"| {_fmt(reference['truncated_fraction'], None, 2)} | – | – |"
         )
     for r in rows:
         lines.append(
-            f"| {r['curve']} | {r['beta']:g} | {r['num_seeds']} | {_fmt(r['reward'], r['reward_std'], signed=True)} "
-            f"| {_fmt(r['kl'], r['kl_std'], 2)} | {_fmt(r['length'], r['length_std'], 1)} "
+            f"| {r['curve']} | {r['beta']:g} | {r['num_seeds']} | {_fmt(r['reward'], r['reward_se'], signed=True)} "
+            f"| {_fmt(r['kl'], r['kl_se'], 2)} | {_fmt(r['length'], r['length_se'], 1)} "
             f"| {_fmt(r['truncated_fraction'], None, 2)} | {r['train_steps']} | {r['sequences_per_step']} |"
         )
     if kl_grid:
@@ -343,7 +366,7 @@ def _frontier_plot(path: Path, rows: list[dict], reference: dict | None) -> None
                 [0.0],
                 [reference[ykey]],
                 [0],
-                [reference.get(f"{ykey}_std") or 0],
+                [reference.get(f"{ykey}_se") or 0],
                 color="black",
                 fmt="*",
                 markersize=12,
@@ -355,8 +378,8 @@ def _frontier_plot(path: Path, rows: list[dict], reference: dict | None) -> None
             ax.errorbar(
                 [r["kl"] for r in curve],
                 [r[ykey] for r in curve],
-                xerr=[r["kl_std"] or 0 for r in curve],
-                yerr=[r[f"{ykey}_std"] or 0 for r in curve],
+                xerr=[r["kl_se"] or 0 for r in curve],
+                yerr=[r[f"{ykey}_se"] or 0 for r in curve],
                 fmt="o" + style,  # points joined in beta order: the frontier is parametrised by beta
                 color=color,
                 capsize=3,
@@ -374,7 +397,7 @@ def _frontier_plot(path: Path, rows: list[dict], reference: dict | None) -> None
     axes[0].set_title("Reward against KL, one curve per method over β (labels: β)")
     axes[1].set_title("Length against KL (same runs)")
     axes[0].legend(fontsize=7, loc="best")
-    fig.suptitle("Held-out prompts; points = mean over seeds, bars = std over seeds", fontsize=9)
+    fig.suptitle("Held-out prompts; points = mean over seeds, bars = standard error over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -385,7 +408,7 @@ def _errorbar(ax, x, y, xerr, yerr, **kw):
 
 
 def _method_points(ax, rows, main_betas, xkey, ykey, with_seeds):
-    """One point per method and beta, bars = std over seeds; filled circles for each method's main beta."""
+    """One point per method and beta, bars = standard error over seeds; filled circles for each method's main beta."""
     for r in rows:
         main = r["beta"] == main_betas[r["method"]]
         label = f"{LABELS[r['method']]} β={r['beta']:g}"
@@ -395,8 +418,8 @@ def _method_points(ax, rows, main_betas, xkey, ykey, with_seeds):
             ax,
             [r[xkey]],
             [r[ykey]],
-            [r[f"{xkey}_std"] or 0],
-            [r[f"{ykey}_std"] or 0],
+            [r[f"{xkey}_se"] or 0],
+            [r[f"{ykey}_se"] or 0],
             color=COLORS[r["method"]],
             fmt="o" if main else "s",
             markersize=8 if main else 6,
@@ -418,8 +441,8 @@ def _plots(results_dir, main_rows, reference, transform_rows, n_rows, main_betas
                 ax,
                 [x],
                 [reference[ykey]],
-                [reference.get(f"{xkey}_std") or 0 if xkey != "kl" else 0],
-                [reference.get(f"{ykey}_std") or 0],
+                [reference.get(f"{xkey}_se") or 0 if xkey != "kl" else 0],
+                [reference.get(f"{ykey}_se") or 0],
                 color="black",
                 fmt="*",
                 markersize=12,
@@ -435,7 +458,7 @@ def _plots(results_dir, main_rows, reference, transform_rows, n_rows, main_betas
             True,
             "KL(π‖π_ref): mean sequence log-ratio of the policy's own samples (nats)",
             "mean VADER reward of fresh samples",
-            "Reward against KL (held-out prompts; bars: std over seeds)",
+            "Reward against KL (held-out prompts; bars: standard error over seeds)",
         ),
         (
             "length_vs_reward.png",
@@ -471,8 +494,8 @@ def _plots(results_dir, main_rows, reference, transform_rows, n_rows, main_betas
             ax,
             [r["kl"]],
             [r["reward"]],
-            [r["kl_std"] or r.get("kl_stderr") or 0],
-            [r["reward_std"] or r.get("reward_stderr") or 0],
+            [r["kl_se"] or r.get("kl_stderr") or 0],
+            [r["reward_se"] or r.get("reward_stderr") or 0],
             color=color,
             fmt="o" if first else "s",
             mfc=color if first else "white",
@@ -489,7 +512,7 @@ def _plots(results_dir, main_rows, reference, transform_rows, n_rows, main_betas
         ax.errorbar(
             ns,
             [r["reward"] for r in n_rows],
-            yerr=[r["reward_std"] or r.get("reward_stderr") or 0 for r in n_rows],
+            yerr=[r["reward_se"] or r.get("reward_stderr") or 0 for r in n_rows],
             fmt="o-",
             color="tab:red",
             capsize=3,
@@ -541,3 +564,129 @@ def _examples(results_dir, work, runs, main_betas, qrpo_default, n_max, num_prom
                 text = rec["completion"].replace("\n", " ").replace("|", "/")
                 lines.append(f"- **{name}** ({rec['reward']:+.2f}, {rec['num_tokens']} tokens): {text}")
     (results_dir / "examples.md").write_text("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The powered comparison at matched KL
+# ----------------------------------------------------------------------------------------------------------------
+
+POWERED_LABELS = {
+    ("qrpo", "pointwise"): "QRPO pointwise (all samples)",
+    ("dpo", "pairs"): "DPO (best/worst pairs)",
+    ("dpo", "all_pairs"): "DPO (pairs drawn from all pairs)",
+}
+
+
+def powered_report(cfg: ExperimentConfig, work: Path, results_dir: Path) -> dict | None:
+    """The powered group's points (mean and s.e. over seeds per arm and beta), the learning rates lr_select picked,
+    and each DPO arm against QRPO at matched KL, raw and length-controlled reward, with paired-by-prompt bootstrap
+    intervals (experiments/powered.py). Writes powered_table.md, powered.csv and powered.png."""
+    from plan import selected_learning_rates
+
+    reference_records = []
+    for path in sorted((work / "eval").glob("reference-s*/samples.jsonl")):
+        reference_records += [json.loads(line) for line in open(path)]
+    runs_by_method: dict[str, list[dict]] = {}
+    for path in sorted((work / "runs").glob("powered-*/result.json")):
+        result = _load(path)
+        records = [json.loads(line) for line in open(path.parent / "samples.jsonl")]
+        for record, controlled in zip(records, length_controlled_rewards(records, reference_records), strict=True):
+            record["length_controlled_reward"] = float(controlled)
+        label = POWERED_LABELS[(result["method"], result["data"])]
+        runs_by_method.setdefault(label, []).append(
+            {"beta": result["beta"], "seed": result["seed"], "records": records, "lr": result["learning_rate"]}
+        )
+    if not runs_by_method:
+        return None
+    qrpo = POWERED_LABELS[("qrpo", "pointwise")]
+    comparisons = [(qrpo, label) for label in runs_by_method if label != qrpo and qrpo in runs_by_method]
+    num_prompts = cfg.split_num_eval
+    out = {"learning_rates": {POWERED_LABELS[arm]: lr for arm, lr in selected_learning_rates(cfg, work).items()}}
+    for key in ("reward", "length_controlled_reward"):
+        _, points = matched_kl_bootstrap(runs_by_method, num_prompts, [], [], num_bootstrap=1, key=key)
+        grid = matched_kl_grid(points, cfg.powered_kl_step)
+        rows, points = matched_kl_bootstrap(
+            runs_by_method, num_prompts, grid, comparisons, num_bootstrap=cfg.powered_bootstrap, key=key
+        )
+        out[key] = {"kl_grid": grid, "comparisons": rows, "points": points}
+    write_csv(results_dir / "powered.csv", out["reward"]["points"])
+    (results_dir / "powered_table.md").write_text(powered_markdown(out, num_prompts, cfg))
+    _powered_plot(results_dir / "powered.png", out["reward"]["points"], out["length_controlled_reward"]["points"])
+    return out
+
+
+def powered_markdown(out: dict, num_prompts: int, cfg: ExperimentConfig) -> str:
+    lines = [
+        "# QRPO pointwise against DPO at matched KL\n",
+        "Learning rates picked on the validation prompts (lr_select): "
+        + ", ".join(f"{label} {lr:g}" for label, lr in out["learning_rates"].items())
+        + ".\n",
+        (
+            f"Points: mean ± standard error over seeds; {num_prompts} test prompts x {cfg.eval_num_samples} samples "
+            "per seed. Length-controlled reward: reward - slope x (length - the prompt's mean pi_ref length), the "
+            "slope fitted within prompts on pi_ref's samples.\n"
+        ),
+        "| arm | beta | seeds | KL (nats) | reward | length-controlled reward |",
+        "|---|---|---|---|---|---|",
+    ]
+    controlled = {(p["method"], p["beta"]): p for p in out["length_controlled_reward"]["points"]}
+    for p in out["reward"]["points"]:
+        c = controlled[(p["method"], p["beta"])]
+        lines.append(
+            f"| {p['method']} | {p['beta']:g} | {len(p['seeds'])} | {_fmt(p['kl'], p['kl_se'], 2)} "
+            f"| {_fmt(p['reward'], p['reward_se'], signed=True)} "
+            f"| {_fmt(c['length_controlled_reward'], c['length_controlled_reward_se'], signed=True)} |"
+        )
+    for key, title in (("reward", "reward"), ("length_controlled_reward", "length-controlled reward")):
+        rows = out[key]["comparisons"]
+        lines += [
+            "",
+            (
+                f"Difference in {title} at matched KL (first arm minus second; 95% paired-by-prompt bootstrap "
+                f"interval, {cfg.powered_bootstrap} draws; P = share of draws in which the first arm is better):"
+            ),
+            "",
+            "| arms | KL | difference | 95% interval | P(first better) |",
+            "|---|---|---|---|---|",
+        ]
+        if not rows:
+            lines.append("| (no KL covered by every arm's curve) | | | | |")
+        for r in rows:
+            if r["difference"] is None:
+                continue
+            lines.append(
+                f"| {r['a']} - {r['b']} | {r['kl']:g} | {r['difference']:+.3f} | "
+                f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['p_a_better']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _powered_plot(path: Path, points: list[dict], controlled: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, rows, key, title in (
+        (axes[0], points, "reward", "reward"),
+        (axes[1], controlled, "length_controlled_reward", "length-controlled reward"),
+    ):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            curve = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kl"])
+            ax.errorbar(
+                [r["kl"] for r in curve],
+                [r[key] for r in curve],
+                xerr=[r["kl_se"] or 0 for r in curve],
+                yerr=[r[f"{key}_se"] or 0 for r in curve],
+                fmt="o-",
+                capsize=3,
+                label=method,
+            )
+        ax.set_xlabel("KL(pi || pi_ref), nats")
+        ax.set_ylabel(title)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Test prompts; points = mean over seeds, bars = standard error over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -27,11 +27,18 @@ from common import use_offline_defaults  # noqa: E402
 use_offline_defaults()
 
 from config import parse_args  # noqa: E402
-from plan import run_specs  # noqa: E402
+from plan import POWERED_ARMS, run_specs, train_steps  # noqa: E402
 from report import build_report  # noqa: E402
-from runs import log, set_threads, stage_reference_eval, stage_runs  # noqa: E402
-from stages import stage_pairs, stage_pointwise, stage_references, stage_score, stage_split  # noqa: E402
+from stages import (  # noqa: E402
+    stage_all_pairs,
+    stage_pairs,
+    stage_pointwise,
+    stage_references,
+    stage_score,
+    stage_split,
+)
 
+from runs import log, set_threads, stage_reference_eval, stage_runs  # noqa: E402
 from trl_qrpo.precompute.io import write_json  # noqa: E402
 
 
@@ -71,16 +78,25 @@ def main(argv=None) -> int:
     wall = time.time()
     log(f"config {options.config}{f' (--{profile})' if profile else ''}; work_dir {work}")
     model_path = timed("model", resolve_model, cfg.model)
-    train, eval_ds = timed("split", stage_split, cfg, work)
-    log(f"{len(train)} train prompts, {len(eval_ds)} eval prompts; model {model_path}")
+    train, eval_ds, validation = timed("split", stage_split, cfg, work)
+    log(
+        f"{len(train)} train prompts, {len(eval_ds)} eval prompts"
+        f"{f', {len(validation)} validation prompts' if validation else ''}; model {model_path}"
+    )
     refs = timed("references", stage_references, cfg, work, train, model_path)
     scored = timed("score", stage_score, cfg, work, refs)
     pairs = timed("pairs", stage_pairs, cfg, work, scored)
     log(f"{len(pairs)} training pairs; data statistics in {work / 'data_stats.json'}")
-    pointwise = None
-    if any(s.get("data") == "pointwise" for s in run_specs(cfg)):
+    pointwise = all_pairs = None
+    planned = run_specs(cfg, {arm: 0.0 for arm in POWERED_ARMS})  # every data a run may need
+    if any(s.get("data") == "pointwise" for s in planned):
         pointwise = timed("pointwise", stage_pointwise, cfg, work, scored, pairs)
         log(f"{len(pointwise)} pointwise rows ({cfg.references_num_candidates} per prompt)")
+    if any(s.get("data") == "all_pairs" for s in planned):
+        # as many pairs as the fixed steps take: the other arms' sequences per run
+        count = train_steps(cfg, len(pairs)) * cfg.train_batch_size
+        all_pairs = timed("all_pairs", stage_all_pairs, cfg, work, scored, pairs, count)
+        log(f"{len(all_pairs)} pairs drawn from all pairs of the candidates")
     if options.until == "pairs":
         return 0
 
@@ -92,7 +108,21 @@ def main(argv=None) -> int:
     if options.until == "reference":
         return 0
     only = set(options.only) if options.only else None
-    timed("runs", stage_runs, cfg, work, pairs, eval_ds, model_path, ref_model, tokenizer, only, pointwise)
+    timed(
+        "runs",
+        stage_runs,
+        cfg,
+        work,
+        pairs,
+        eval_ds,
+        model_path,
+        ref_model,
+        tokenizer,
+        only,
+        pointwise,
+        all_pairs,
+        validation,
+    )
     timed("report", build_report, cfg, work, results)
     timing["last_invocation_wall_seconds"] = time.time() - wall
     timing["last_invocation_cpu_seconds"] = time.process_time()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from config import ExperimentConfig
-from plan import run_id, run_specs, train_steps
+from plan import run_id, run_specs, selected_learning_rates, train_steps
 from stages import load_reward
 
 from trl_qrpo.metrics import spearman_correlation
@@ -65,7 +65,9 @@ def set_threads(setting) -> int:
     return n
 
 
-def train_policy(spec: dict, cfg: ExperimentConfig, pairs, model_path: str, out_dir: Path, pointwise=None):
+def train_policy(
+    spec: dict, cfg: ExperimentConfig, pairs, model_path: str, out_dir: Path, pointwise=None, all_pairs=None
+):
     """Train one policy on the pairs (or, for `data="pointwise"`, on the pointwise rows); returns the trained model
     (LoRA merged), the tokenizer and the trainer's log history.
 
@@ -89,15 +91,19 @@ def train_policy(spec: dict, cfg: ExperimentConfig, pairs, model_path: str, out_
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         )
-    is_pointwise = spec.get("data", "pairs") == "pointwise"
+    data = spec.get("data", "pairs")
+    is_pointwise = data == "pointwise"
+    epochs = spec.get("epochs", cfg.train_epochs)
+    paired = data in ("pairs", "all_pairs")
     common = dict(
         output_dir=str(out_dir / "trainer"),
-        per_device_train_batch_size=2 * cfg.train_batch_size if is_pointwise else cfg.train_batch_size,
-        num_train_epochs=cfg.train_epochs,
-        max_steps=train_steps(cfg, len(pairs)) if is_pointwise else -1,
-        learning_rate=cfg.train_learning_rate,
+        per_device_train_batch_size=cfg.train_batch_size if paired else 2 * cfg.train_batch_size,
+        num_train_epochs=epochs,
+        # pointwise and powered runs: the pair runs' optimizer steps, whatever their data's size
+        max_steps=train_steps(cfg, len(pairs), epochs) if is_pointwise or spec.get("fixed_steps") else -1,
+        learning_rate=spec.get("learning_rate", cfg.train_learning_rate),
         lr_scheduler_type=cfg.train_lr_scheduler_type,
-        warmup_steps=cfg.train_warmup_ratio,
+        warmup_steps=spec.get("warmup_ratio", cfg.train_warmup_ratio),
         max_length=cfg.train_max_length,
         seed=spec["seed"],
         data_seed=spec["seed"],
@@ -121,11 +127,15 @@ def train_policy(spec: dict, cfg: ExperimentConfig, pairs, model_path: str, out_
             extra = {"loss_type": ["rebel"]}
         else:
             extra = {"transform": spec["transform"], "num_ref_rewards": spec["num_ref_rewards"], "ties": spec["ties"]}
-        extra.update(beta=spec["beta"], precompute_ref_log_probs=True, precompute_ref_batch_size=16)
+        precompute = spec.get("reference", "precomputed") == "precomputed"
+        extra.update(beta=spec["beta"], precompute_ref_log_probs=precompute, precompute_ref_batch_size=16)
         columns += ["chosen_reward", "rejected_reward", "ref_rewards"]
         if is_pointwise:
             if method != "qrpo" or pointwise is None:
                 raise ValueError(f"Pointwise data is for QRPO, with the pointwise rows: {spec}")
+            columns = ["prompt", "completion", "reward", "ref_rewards"]
+        elif data == "pair_sides":
+            pointwise, is_pointwise = pair_sides(pairs), True
             columns = ["prompt", "completion", "reward", "ref_rewards"]
     elif method == "dpo":
         from trl import DPOConfig as config_class
@@ -139,13 +149,23 @@ def train_policy(spec: dict, cfg: ExperimentConfig, pairs, model_path: str, out_
         extra = {"loss_type": "simpo", "beta": spec["beta"], "simpo_gamma": spec["gamma"], "cpo_alpha": 0.0}
     else:
         raise ValueError(method)
+    if data == "all_pairs":
+        if all_pairs is None:
+            raise ValueError(f"data='all_pairs' needs the all-pairs rows: {spec}")
+        train_data = all_pairs
+    else:
+        train_data = pointwise if is_pointwise else pairs
     trainer = trainer_class(
         model=model,
         args=config_class(**extra, **common),
-        train_dataset=(pointwise if is_pointwise else pairs).select_columns(columns),
+        train_dataset=train_data.select_columns(columns),
         processing_class=tokenizer,
         peft_config=peft_config,
     )
+    if "residuals" in spec.get("groups", []):
+        from residuals import attach_step_probe
+
+        attach_step_probe(trainer)
     trainer.train()
     history = trainer.state.log_history
     policy = trainer.model
@@ -155,6 +175,21 @@ def train_policy(spec: dict, cfg: ExperimentConfig, pairs, model_path: str, out_
     del trainer
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
     return policy, tokenizer, history
+
+
+def pair_sides(pairs):
+    """Each side of each pair as its own pointwise row (its reward, the pair's independent references): the pairs'
+    sequences and targets without the paired batch layout."""
+    from datasets import Dataset
+
+    rows = {"prompt": [], "completion": [], "reward": [], "ref_rewards": []}
+    for row in pairs:
+        for side in ("chosen", "rejected"):
+            rows["prompt"].append(row["prompt"])
+            rows["completion"].append(row[side])
+            rows["reward"].append(row[f"{side}_reward"])
+            rows["ref_rewards"].append(row["ref_rewards"])
+    return Dataset.from_dict(rows)
 
 
 def evaluate(policy, ref_model, tokenizer, eval_ds, cfg: ExperimentConfig, seed: int):
@@ -264,37 +299,53 @@ def stage_runs(
     tokenizer,
     only: set | None,
     pointwise=None,
+    all_pairs=None,
+    validation=None,
 ) -> None:
+    """Train and evaluate every planned run not done yet. The plan is made again after each run: the `powered` group's
+    runs appear once `lr_select` has picked their learning rate."""
     import torch
 
-    specs = run_specs(cfg)
-    todo = [s for s in specs if not (work / "runs" / run_id(s) / "result.json").exists()]
-    if only:
-        todo = [s for s in todo if only & set(s["groups"])]
+    def pending():
+        specs = run_specs(cfg, selected_learning_rates(cfg, work))
+        todo = [s for s in specs if not (work / "runs" / run_id(s) / "result.json").exists()]
+        return specs, [s for s in todo if not only or only & set(s["groups"])]
+
+    specs, todo = pending()
     log(f"{len(specs)} runs in the plan, {len(todo)} to do")
-    for i, spec in enumerate(todo, 1):
+    i = 0
+    while todo:
+        spec, i = todo[0], i + 1
         rid = run_id(spec)
         out = work / "runs" / rid
         load = os.getloadavg()[0]
         threads = set_threads(cfg.threads)
-        log(f"run {i}/{len(todo)}: {rid} ({threads} thread{'s' if threads > 1 else ''}, load {load:.1f})")
+        log(f"run {i}/{i - 1 + len(todo)}: {rid} ({threads} thread{'s' if threads > 1 else ''}, load {load:.1f})")
         start, cpu_start = time.time(), time.process_time()
-        policy, _, history = train_policy(spec, cfg, pairs, model_path, out, pointwise=pointwise)
+        policy, _, history = train_policy(spec, cfg, pairs, model_path, out, pointwise=pointwise, all_pairs=all_pairs)
         train_seconds = time.time() - start
         start = time.time()
-        samples, _ = evaluate(policy, ref_model, tokenizer, eval_ds, cfg, spec["seed"])
+        on_validation = spec.get("eval_split", "eval") == "validation"
+        if on_validation and validation is None:
+            raise ValueError(f"{rid} is evaluated on validation prompts: set split_num_validation.")
+        samples, _ = evaluate(
+            policy, ref_model, tokenizer, validation if on_validation else eval_ds, cfg, spec["seed"]
+        )
         records = sample_records(samples)
-        ref_records = read_samples(work / "eval" / f"reference-s{spec['seed']}" / "samples.jsonl")
-        fixed = fixed_sample_logratios(policy, tokenizer, eval_ds, ref_records)
         summary = summarize_run(records, spec["beta"])
-        summary["length_bias_reference_samples"] = spearman_correlation([r["num_tokens"] for r in ref_records], fixed)
-        summary["kl_on_reference_samples"] = float(-np.mean(fixed))  # KL(pi_ref || pi) estimate, for reference
+        if not on_validation:  # pi_ref's own samples exist for the evaluation prompts
+            ref_records = read_samples(work / "eval" / f"reference-s{spec['seed']}" / "samples.jsonl")
+            fixed = fixed_sample_logratios(policy, tokenizer, eval_ds, ref_records)
+            summary["length_bias_reference_samples"] = spearman_correlation(
+                [r["num_tokens"] for r in ref_records], fixed
+            )
+            summary["kl_on_reference_samples"] = float(-np.mean(fixed))  # KL(pi_ref || pi) estimate, for reference
         eval_seconds = time.time() - start
         cpu_seconds = time.process_time() - cpu_start
         write_samples(out / "samples.jsonl", records)
         train_logs = [h for h in history if "loss" in h]
         final = history[-1] if history else {}
-        is_pointwise = spec.get("data", "pairs") == "pointwise"
+        is_pointwise = spec.get("data", "pairs") not in ("pairs", "all_pairs")
         sequences_per_step = 2 * cfg.train_batch_size  # a pair is 2 sequences; pointwise: 2 x batch rows
         write_json(
             out / "result.json",
@@ -304,8 +355,12 @@ def stage_runs(
                 "train": {
                     "steps": final.get("step") or (train_logs[-1]["step"] if train_logs else None),
                     "train_loss": final.get("train_loss"),
-                    "data": "pointwise" if is_pointwise else "pairs",
-                    "train_rows": len(pointwise) if is_pointwise else len(pairs),
+                    "data": spec.get("data", "pairs"),
+                    "train_rows": {
+                        "pointwise": len(pointwise or []),
+                        "pair_sides": 2 * len(pairs),
+                        "all_pairs": len(all_pairs or []),
+                    }.get(spec.get("data", "pairs"), len(pairs)),
                     "rows_per_step": sequences_per_step if is_pointwise else cfg.train_batch_size,
                     "sequences_per_step": sequences_per_step,
                     "log_history": history,
@@ -325,3 +380,4 @@ def stage_runs(
         del policy
         gc.collect()
         torch.set_grad_enabled(True)
+        specs, todo = pending()

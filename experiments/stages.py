@@ -46,20 +46,27 @@ def stage_split(cfg: ExperimentConfig, work: Path):
         prompts = [line.strip() for line in open(cfg.prompts_file) if line.strip() and not line.startswith("#")]
         order = list(range(len(prompts)))
         random.Random(cfg.split_seed).shuffle(order)
-        n_train, n_eval = cfg.split_num_train, cfg.split_num_eval
-        if n_train + n_eval > len(prompts):
-            raise ValueError(f"{n_train} train + {n_eval} eval prompts requested, the file has {len(prompts)}.")
+        n_train, n_eval, n_val = cfg.split_num_train, cfg.split_num_eval, cfg.split_num_validation
+        if n_train + n_eval + n_val > len(prompts):
+            raise ValueError(
+                f"{n_train} train + {n_eval} eval + {n_val} validation prompts requested, the file has {len(prompts)}."
+            )
         split = {
             "train": [prompts[i] for i in order[:n_train]],
             "eval": [prompts[i] for i in order[n_train : n_train + n_eval]],
         }
+        if n_val:  # after the eval prompts, so that adding a validation split leaves the other two as they were
+            split["validation"] = [prompts[i] for i in order[n_train + n_eval : n_train + n_eval + n_val]]
         write_json(path, split)
     split = json.loads(path.read_text())
     train = Dataset.from_dict(
         {"prompt": [as_messages(p) for p in split["train"]], "prompt_index": list(range(len(split["train"])))}
     )
     evaluation = Dataset.from_dict({"prompt": [as_messages(p) for p in split["eval"]]})
-    return train, evaluation
+    validation = (
+        Dataset.from_dict({"prompt": [as_messages(p) for p in split["validation"]]}) if "validation" in split else None
+    )
+    return train, evaluation, validation
 
 
 def stage_references(cfg: ExperimentConfig, work: Path, train, model_path: str):
@@ -165,6 +172,57 @@ def stage_pointwise(cfg: ExperimentConfig, work: Path, scored, pairs):
                 "quantile_mean": float((refs <= reward[:, None]).mean()),
                 "fraction_of_rows_in_a_pair": 2 / C,
             },
+        )
+    return load_from_disk(str(path))
+
+
+def stage_all_pairs(cfg: ExperimentConfig, work: Path, scored, pairs, count: int):
+    """DPO's fair control: `count` pairs drawn (seeded, without replacement) from every pair of different rewards
+    among the first C references of each prompt that has a training pair, the higher reward as chosen.
+
+    The same samples and rewards QRPO pointwise trains on, used as fully as pairs allow (C (C - 1) / 2 pairs a prompt
+    at most); `count` makes DPO see as many sequences as the other arms in the same steps."""
+    from datasets import Dataset, load_from_disk
+
+    path = work / "all_pairs"
+    C = cfg.references_num_candidates
+    if not (path / "dataset_info.json").exists():
+        keep = set(pairs["prompt_index"])
+        candidates = []
+        for row in scored:
+            if row["prompt_index"] not in keep:
+                continue
+            rewards = row["ref_rewards"][:C]
+            for i in range(C):
+                for j in range(C):
+                    if rewards[i] > rewards[j]:
+                        candidates.append((row["prompt_index"], i, j))
+        if len(candidates) < count:
+            raise ValueError(f"{len(candidates)} pairs of different rewards among the candidates, {count} wanted.")
+        rng = np.random.default_rng(cfg.references_seed)
+        picked = sorted(rng.choice(len(candidates), size=count, replace=False))
+        by_index = {row["prompt_index"]: row for row in scored if row["prompt_index"] in keep}
+        columns = {
+            "prompt": [],
+            "chosen": [],
+            "rejected": [],
+            "chosen_reward": [],
+            "rejected_reward": [],
+            "prompt_index": [],
+        }
+        for k in picked:
+            p, i, j = candidates[k]
+            row = by_index[p]
+            columns["prompt"].append(row["prompt"])
+            columns["chosen"].append(row["ref_completions"][i])
+            columns["rejected"].append(row["ref_completions"][j])
+            columns["chosen_reward"].append(row["ref_rewards"][i])
+            columns["rejected_reward"].append(row["ref_rewards"][j])
+            columns["prompt_index"].append(p)
+        Dataset.from_dict(columns).save_to_disk(str(path))
+        write_json(
+            work / "all_pairs_stats.json",
+            {"num_pairs": count, "available_pairs": len(candidates), "prompts": len(keep)},
         )
     return load_from_disk(str(path))
 

@@ -5,6 +5,7 @@ second invocation that must find everything done (resume); and the configuration
 import dataclasses
 import importlib.util
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -128,6 +129,17 @@ def test_committed_frontier_config_is_the_frontier_profile():
     assert committed == load_config(CONFIG, "frontier", ("--threads", committed.threads))
 
 
+def test_committed_residuals_config_is_the_residuals_profile():
+    """docs/experiments/residuals/config.yaml (the committed residual study, run with --threads 2) loads back to what
+    --residuals runs, every run of `residuals_runs` included."""
+    _load_run_module()
+    from config import load_config
+
+    committed = load_config(REPO / "docs" / "experiments" / "residuals" / "config.yaml")
+    assert committed == load_config(CONFIG, "residuals", ("--threads", committed.threads))
+    assert len(committed.residuals_runs) == 10
+
+
 def test_frontier_profile_run_specs():
     """The --frontier plan: every method x beta x seed on the pairs, the pointwise QRPO group, the matching rule."""
     run = _load_run_module()
@@ -248,6 +260,7 @@ def test_experiment_frontier_tiny(tiny_model_dir, tmp_path, monkeypatch):
     for r in rows:
         assert r["seeds"] == [0, 1] and r["samples_per_seed"] == 8
         assert r["kl_std"] is not None and r["reward_std"] is not None and r["length"] > 0
+        assert r["reward_se"] == pytest.approx(r["reward_std"] / math.sqrt(2))  # "±" and bars: s.e. over seeds
     assert summary["reference"]["num_seeds"] == 2
     for name in ("frontier.png", "frontier.csv", "frontier_table.md"):
         assert (results / name).stat().st_size > 0
@@ -287,3 +300,177 @@ def test_auto_threads_sees_other_processes_now():
         spinner.kill()
         spinner.wait()
         torch.set_num_threads(threads)
+
+
+def test_residuals_profile_tiny(tiny_model_dir, tmp_path, monkeypatch):
+    """A tiny --residuals run: each run of `residuals_runs` with its own options, the step probe at every step (its
+    "before" residual is the trainer's own pre-step residual), a live reference equal to the precomputed one, the
+    table, plot and configuration; then resume."""
+    (tmp_path / "smoke_reward_e.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = _load_run_module()
+    work, results = tmp_path / "work", tmp_path / "results"
+    runs = {
+        "pairs": {"beta": 0.5},
+        "pairs-live": {"beta": 0.5, "reference": "live"},
+        "sides": {"beta": 0.5, "data": "pair_sides", "learning_rate": 1e-5, "warmup_ratio": 0.5},
+        "rebel": {"method": "rebel", "beta": 0.2, "epochs": 1},
+    }
+    argv = ["--residuals"] + _flags(
+        model=tiny_model_dir,
+        work_dir=work,
+        results_dir=results,
+        reward="smoke_reward_e:letter_e",
+        split_num_train=8,
+        split_num_eval=4,
+        references_num_ref_rewards=6,
+        references_max_new_tokens=12,
+        references_batch_size=32,
+        references_chunk_size=4,
+        eval_max_new_tokens=12,
+        residuals_runs=runs,
+    )
+    assert run.main(argv) == 0
+    from datasets import load_from_disk
+
+    num_pairs = len(load_from_disk(str(work / "pairs")))
+    by_name = {}
+    for path in (work / "runs").glob("*/result.json"):
+        result = json.loads(path.read_text())
+        by_name[result["name"]] = result
+    assert set(by_name) == set(runs)
+    steps_per_epoch = -(-num_pairs // 4)
+    for name, result in by_name.items():
+        log = [h for h in result["train"]["log_history"] if "loss" in h]
+        expected_epochs = runs[name].get("epochs", 2)
+        assert len(log) == result["train"]["steps"] == steps_per_epoch * expected_epochs
+        assert result["learning_rate"] == runs[name].get("learning_rate", 3e-5)
+        for step in log:
+            for key in ("probe/residual_before_rms", "probe/residual_after_rms", "probe/logratio_change_abs_mean"):
+                assert math.isfinite(step[key])
+            # the probe's "before" is the batch the step's loss saw, with the same weights
+            own = math.sqrt(step["loss"]) if name == "rebel" else step["residual/rms"] / result["beta"]
+            assert step["probe/residual_before_rms"] == pytest.approx(own, rel=1e-4, abs=1e-5)
+        assert max(h["probe/logratio_change_abs_mean"] for h in log) > 0  # steps move the sequences they are taken on
+    assert by_name["sides"]["train"]["data"] == "pair_sides" and by_name["sides"]["train"]["train_rows"] == 2 * num_pairs
+    # the live reference model and the precomputed pass give the same first step
+    first = [next(h for h in by_name[n]["train"]["log_history"] if "loss" in h) for n in ("pairs", "pairs-live")]
+    assert first[0]["loss"] == pytest.approx(first[1]["loss"], rel=1e-5)
+    assert first[0]["probe/residual_after_rms"] == pytest.approx(first[1]["probe/residual_after_rms"], rel=1e-3)
+
+    summary = json.loads((results / "results.json").read_text())
+    assert {r["name"] for r in summary["residuals"]} == set(runs)
+    assert all(r["residual_epoch1_nats"] is not None for r in summary["residuals"])
+    assert summary["methods"] == []  # the residual runs are not a method comparison
+    for name in ("residuals_table.md", "residuals.csv", "residuals.png"):
+        assert (results / name).stat().st_size > 0
+    from config import load_config
+
+    assert load_config(results / "config.yaml") == run.parse_args(argv)[0]
+    stamps = {p: p.stat().st_mtime_ns for p in (work / "runs").glob("*/result.json")}
+    assert run.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in (work / "runs").glob("*/result.json")} == stamps
+    sys.modules.pop("experiment_run", None)
+
+
+def test_residual_run_options_are_checked():
+    run = _load_run_module()  # noqa: F841  (puts experiments/ on sys.path)
+    from config import load_config
+    from plan import residual_spec, run_id
+
+    cfg = load_config(CONFIG, "residuals")
+    spec = residual_spec(cfg, "x", {"beta": 1, "learning_rate": 1e-6}, 0)
+    assert spec["learning_rate"] == 1e-6 and spec["warmup_ratio"] == cfg.train_warmup_ratio and spec["epochs"] == 2
+    assert run_id(spec) == "residuals-x-s0"
+    for bad, message in (
+        ({"lr": 1e-6}, "unknown options"),
+        ({"method": "dpo"}, "QRPOTrainer"),
+        ({"method": "rebel", "data": "pointwise"}, "REBEL: pairs"),
+        ({"reference": "none"}, "precomputed"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            residual_spec(cfg, "x", bad, 0)
+    sys.modules.pop("experiment_run", None)
+
+
+def test_powered_profile_tiny(tiny_model_dir, tmp_path, monkeypatch):
+    """A tiny --powered run: learning rates picked per arm on the validation prompts, then every arm at its betas and
+    seeds at its picked rate, the same steps and sequences per step for every arm, DPO's all-pairs control drawn from
+    the candidates' pairs; then resume."""
+    from datasets import load_from_disk
+
+    (tmp_path / "smoke_reward_e.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = _load_run_module()
+    work, results = tmp_path / "work", tmp_path / "results"
+    argv = ["--powered"] + _flags(
+        model=tiny_model_dir,
+        work_dir=work,
+        results_dir=results,
+        reward="smoke_reward_e:letter_e",
+        split_num_train=8,
+        split_num_eval=4,
+        split_num_validation=3,
+        references_num_candidates=4,
+        references_num_ref_rewards=6,
+        references_max_new_tokens=12,
+        references_batch_size=32,
+        references_chunk_size=4,
+        eval_num_samples=2,
+        eval_max_new_tokens=12,
+        eval_seeds=[0, 1],
+        powered_betas_qrpo=[0.1],
+        powered_betas_dpo=[0.1],
+        powered_learning_rates=[1e-5, 1e-4],
+        powered_bootstrap=200,
+    )
+    assert run.main(argv) == 0
+    from plan import POWERED_ARMS, selected_learning_rates, train_steps
+    from report import POWERED_LABELS
+
+    cfg = run.parse_args(argv)[0]
+    split = json.loads((work / "prompts.json").read_text())
+    assert [len(split[k]) for k in ("train", "eval", "validation")] == [8, 4, 3]
+    assert not set(split["validation"]) & (set(split["eval"]) | set(split["train"]))
+    pairs = load_from_disk(str(work / "pairs"))
+    scored = load_from_disk(str(work / "scored"))
+    all_pairs = load_from_disk(str(work / "all_pairs"))
+    assert len(all_pairs) == train_steps(cfg, len(pairs)) * 4
+    for row in all_pairs:  # a pair of two of the prompt's first 4 candidates, the higher reward chosen
+        refs = scored[row["prompt_index"]]
+        i, j = refs["ref_completions"].index(row["chosen"]), refs["ref_completions"].index(row["rejected"])
+        assert i < 4 and j < 4 and row["chosen_reward"] == refs["ref_rewards"][i] > refs["ref_rewards"][j]
+    assert len({json.dumps([r["prompt_index"], r["chosen"], r["rejected"]]) for r in all_pairs}) == len(all_pairs)
+
+    results_by_id = {p.parent.name: json.loads(p.read_text()) for p in (work / "runs").glob("*/result.json")}
+    selection = [r for r in results_by_id.values() if r["groups"] == ["lr_select"]]
+    powered = [r for r in results_by_id.values() if r["groups"] == ["powered"]]
+    assert len(selection) == len(POWERED_ARMS) * 2 and len(powered) == len(POWERED_ARMS) * 2  # 1 beta x 2 seeds
+    assert {r["eval"]["num_samples"] for r in selection} == {3 * 2}  # validation prompts x samples
+    assert {r["eval"]["num_samples"] for r in powered} == {4 * 2}
+    chosen = selected_learning_rates(cfg, work)
+    assert set(chosen) == set(POWERED_ARMS)
+    for arm, lr in chosen.items():
+        candidates = [r for r in selection if (r["method"], r["data"]) == arm]
+        allowed = [r for r in candidates if r["eval"]["kl"] <= cfg.powered_max_kl] or candidates
+        assert lr == max(allowed, key=lambda r: (r["eval"]["reward"], -r["learning_rate"]))["learning_rate"]
+        assert {r["learning_rate"] for r in powered if (r["method"], r["data"]) == arm} == {lr}
+    steps = {(r["train"]["steps"], r["train"]["sequences_per_step"]) for r in powered + selection}
+    assert steps == {(train_steps(cfg, len(pairs)), 8)}
+
+    summary = json.loads((results / "results.json").read_text())["powered"]
+    assert {p["method"] for p in summary["reward"]["points"]} == set(POWERED_LABELS.values())
+    for point in summary["reward"]["points"]:
+        assert point["seeds"] == [0, 1] and point["reward_se"] is not None
+    for key in ("reward", "length_controlled_reward"):
+        for row in summary[key]["comparisons"]:  # QRPO against each DPO arm, at KLs both curves cover
+            assert row["a"] == POWERED_LABELS[("qrpo", "pointwise")] and row["b"] != row["a"]
+            if row["difference"] is not None:
+                assert row["ci_low"] <= row["ci_high"] and 0 <= row["p_a_better"] <= 1
+    for name in ("powered_table.md", "powered.csv", "powered.png", "config.yaml"):
+        assert (results / name).stat().st_size > 0
+
+    stamps = {p: p.stat().st_mtime_ns for p in (work / "runs").glob("*/result.json")}
+    assert run.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in (work / "runs").glob("*/result.json")} == stamps
+    sys.modules.pop("experiment_run", None)
