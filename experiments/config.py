@@ -154,7 +154,7 @@ class RunOptions:
         False, "Profile: the training residuals step by step, 10 runs with the probe (about 40 min)."
     )
     powered: bool = _opt(
-        False, "Profile: QRPO pointwise vs DPO (best/worst, all pairs) at matched KL, 4 seeds, learning rates picked."
+        False, "Profile: QRPO pointwise vs DPO (best/worst, all pairs) at matched KL, 4 seeds (about 3.5 h)."
     )
     only: list[str] | None = _opt(None, "Run groups to do now (of `groups`); the others wait for a later run.")
     report_only: bool = _opt(False, "Only rebuild the tables and plots from the finished runs.")
