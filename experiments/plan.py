@@ -29,6 +29,18 @@ def run_id(spec: dict) -> str:
     return f"{spec['method']}-b{spec['beta']:g}-s{spec['seed']}"
 
 
+def qrpo_options(cfg: ExperimentConfig, method: str, transform: str | None = None, n: int | None = None) -> dict:
+    """QRPO's own options of a run (transform, number of reference rewards, ties; the configuration's unless given);
+    nothing for the other methods."""
+    if method != "qrpo":
+        return {}
+    return {
+        "transform": transform or cfg.methods_qrpo_transform,
+        "num_ref_rewards": n or cfg.references_num_ref_rewards,
+        "ties": cfg.methods_qrpo_ties,
+    }
+
+
 def train_steps(cfg: ExperimentConfig, num_pairs: int, epochs: int | None = None) -> int:
     """Optimizer steps of a pair run: ceil(pairs / batch) per epoch (the Trainer keeps the last, short batch)."""
     return math.ceil(num_pairs / cfg.train_batch_size) * int(cfg.train_epochs if epochs is None else epochs)
@@ -61,12 +73,7 @@ def run_specs(cfg: ExperimentConfig, selected_lr: dict | None = None) -> list[di
         spec = {"method": method, "beta": float(beta), "seed": int(seed), "groups": [group]}
         if data != "pairs":
             spec["data"] = data
-        if method == "qrpo":
-            spec.update(
-                transform=transform or cfg.methods_qrpo_transform,
-                num_ref_rewards=n or cfg.references_num_ref_rewards,
-                ties=cfg.methods_qrpo_ties,
-            )
+        spec.update(qrpo_options(cfg, method, transform, n))
         if method == "simpo":
             spec["gamma"] = float(beta) * cfg.methods_simpo_gamma_beta_ratio
         for existing in specs:
@@ -171,13 +178,7 @@ def residual_spec(cfg: ExperimentConfig, name: str, options: dict, seed: int) ->
         "epochs": int(options.get("epochs", cfg.train_epochs)),
         "reference": options.get("reference", "precomputed"),
     }
-    if method == "qrpo":
-        spec.update(
-            transform=cfg.methods_qrpo_transform,
-            num_ref_rewards=cfg.references_num_ref_rewards,
-            ties=cfg.methods_qrpo_ties,
-        )
-    return spec
+    return spec | qrpo_options(cfg, method)
 
 
 def powered_spec(cfg: ExperimentConfig, method: str, data: str, beta: float, seed: int, lr: float, group: str) -> dict:
@@ -193,13 +194,7 @@ def powered_spec(cfg: ExperimentConfig, method: str, data: str, beta: float, see
         "eval_split": "validation" if group == "lr_select" else "eval",
         "fixed_steps": True,
     }
-    if method == "qrpo":
-        spec.update(
-            transform=cfg.methods_qrpo_transform,
-            num_ref_rewards=cfg.references_num_ref_rewards,
-            ties=cfg.methods_qrpo_ties,
-        )
-    return spec
+    return spec | qrpo_options(cfg, method)
 
 
 def selected_learning_rates(cfg: ExperimentConfig, work) -> dict:
