@@ -41,6 +41,30 @@ def _flags(**options) -> list[str]:
     return argv
 
 
+# A profile on the tiny model, small: 8 training and 4 evaluation prompts, 6 reference rewards, 12-token samples.
+TINY_OPTIONS = {
+    "reward": "smoke_reward_e:letter_e",
+    "split_num_train": 8,
+    "split_num_eval": 4,
+    "references_num_ref_rewards": 6,
+    "references_max_new_tokens": 12,
+    "references_batch_size": 32,
+    "references_chunk_size": 4,
+    "eval_max_new_tokens": 12,
+}
+
+
+def _tiny_profile(profile, tiny_model_dir, tmp_path, monkeypatch, **options):
+    """run.py as a module, its work and results folders, and the argv of `--profile` on the tiny model with the
+    letter-e reward (TINY_OPTIONS, then `options`)."""
+    (tmp_path / "smoke_reward_e.py").write_text(REWARD_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run = _load_run_module()
+    work, results = tmp_path / "work", tmp_path / "results"
+    flags = _flags(model=tiny_model_dir, work_dir=work, results_dir=results, **(TINY_OPTIONS | options))
+    return run, work, results, [f"--{profile}", *flags]
+
+
 @pytest.mark.slow
 def test_experiment_pipeline_quick(tiny_model_dir, tmp_path, monkeypatch):
     (tmp_path / "smoke_reward_e.py").write_text(REWARD_MODULE)
@@ -201,22 +225,11 @@ def test_experiment_frontier_tiny(tiny_model_dir, tmp_path, monkeypatch):
     samples with the pair runs' steps and sequences per step, the frontier table and plot; then resume."""
     from datasets import load_from_disk
 
-    (tmp_path / "smoke_reward_e.py").write_text(REWARD_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    run = _load_run_module()
-    work, results = tmp_path / "work", tmp_path / "results"
-    argv = ["--frontier"] + _flags(
-        model=tiny_model_dir,
-        work_dir=work,
-        results_dir=results,
-        reward="smoke_reward_e:letter_e",
-        split_num_train=8,
-        split_num_eval=4,
-        references_num_ref_rewards=6,
-        references_max_new_tokens=12,
-        references_batch_size=32,
-        references_chunk_size=4,
-        eval_max_new_tokens=12,
+    run, work, results, argv = _tiny_profile(
+        "frontier",
+        tiny_model_dir,
+        tmp_path,
+        monkeypatch,
         frontier_sweep_betas_qrpo=[0.1, 0.03],
         frontier_sweep_betas_dpo=[0.1],
         frontier_sweep_betas_simpo=[2.5],
@@ -306,28 +319,17 @@ def test_residuals_profile_tiny(tiny_model_dir, tmp_path, monkeypatch):
     """A tiny --residuals run: each run of `residuals_runs` with its own options, the step probe at every step (its
     "before" residual is the trainer's own pre-step residual), a live reference equal to the precomputed one, the
     table, plot and configuration; then resume."""
-    (tmp_path / "smoke_reward_e.py").write_text(REWARD_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    run = _load_run_module()
-    work, results = tmp_path / "work", tmp_path / "results"
     runs = {
         "pairs": {"beta": 0.5},
         "pairs-live": {"beta": 0.5, "reference": "live"},
         "sides": {"beta": 0.5, "data": "pair_sides", "learning_rate": 1e-5, "warmup_ratio": 0.5},
         "rebel": {"method": "rebel", "beta": 0.2, "epochs": 1},
     }
-    argv = ["--residuals"] + _flags(
-        model=tiny_model_dir,
-        work_dir=work,
-        results_dir=results,
-        reward="smoke_reward_e:letter_e",
-        split_num_train=8,
-        split_num_eval=4,
-        references_num_ref_rewards=6,
-        references_max_new_tokens=12,
-        references_batch_size=32,
-        references_chunk_size=4,
-        eval_max_new_tokens=12,
+    run, work, results, argv = _tiny_profile(
+        "residuals",
+        tiny_model_dir,
+        tmp_path,
+        monkeypatch,
         residuals_runs=runs,
     )
     assert run.main(argv) == 0
@@ -352,7 +354,9 @@ def test_residuals_profile_tiny(tiny_model_dir, tmp_path, monkeypatch):
             own = math.sqrt(step["loss"]) if name == "rebel" else step["residual/rms"] / result["beta"]
             assert step["probe/residual_before_rms"] == pytest.approx(own, rel=1e-4, abs=1e-5)
         assert max(h["probe/logratio_change_abs_mean"] for h in log) > 0  # steps move the sequences they are taken on
-    assert by_name["sides"]["train"]["data"] == "pair_sides" and by_name["sides"]["train"]["train_rows"] == 2 * num_pairs
+    assert (
+        by_name["sides"]["train"]["data"] == "pair_sides" and by_name["sides"]["train"]["train_rows"] == 2 * num_pairs
+    )
     # the live reference model and the precomputed pass give the same first step
     first = [next(h for h in by_name[n]["train"]["log_history"] if "loss" in h) for n in ("pairs", "pairs-live")]
     assert first[0]["loss"] == pytest.approx(first[1]["loss"], rel=1e-5)
@@ -399,25 +403,14 @@ def test_powered_profile_tiny(tiny_model_dir, tmp_path, monkeypatch):
     the candidates' pairs; then resume."""
     from datasets import load_from_disk
 
-    (tmp_path / "smoke_reward_e.py").write_text(REWARD_MODULE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    run = _load_run_module()
-    work, results = tmp_path / "work", tmp_path / "results"
-    argv = ["--powered"] + _flags(
-        model=tiny_model_dir,
-        work_dir=work,
-        results_dir=results,
-        reward="smoke_reward_e:letter_e",
-        split_num_train=8,
-        split_num_eval=4,
+    run, work, results, argv = _tiny_profile(
+        "powered",
+        tiny_model_dir,
+        tmp_path,
+        monkeypatch,
         split_num_validation=3,
         references_num_candidates=4,
-        references_num_ref_rewards=6,
-        references_max_new_tokens=12,
-        references_batch_size=32,
-        references_chunk_size=4,
         eval_num_samples=2,
-        eval_max_new_tokens=12,
         eval_seeds=[0, 1],
         powered_betas_qrpo=[0.1],
         powered_betas_dpo=[0.1],
