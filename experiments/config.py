@@ -158,6 +158,12 @@ class RunOptions:
     )
     only: list[str] | None = _opt(None, "Run groups to do now (of `groups`); the others wait for a later run.")
     report_only: bool = _opt(False, "Only rebuild the tables and plots from the finished runs.")
+    report_from: str | None = _opt(
+        None,
+        "Only rebuild the tables and plots, from a results.json the report wrote (its per-run results) instead of "
+        "the runs' folders: for committed results whose runs are gone. Plots and tables that need the samples "
+        "(examples.md, the powered comparison) are left as they are.",
+    )
     until: Literal["pairs", "reference"] | None = _opt(None, "Stop after this stage.")
 
     @property

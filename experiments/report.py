@@ -218,7 +218,7 @@ def build_report(cfg: ExperimentConfig, work: Path, results_dir: Path) -> dict:
         (results_dir / "residuals_table.md").write_text(residuals_markdown(residual_table, reference))
         residuals_plot(results_dir / "residuals.png", all_runs, residual_table)
     powered_summary = None
-    if "powered" in groups:
+    if "powered" in groups and list((work / "runs").glob("powered-*/samples.jsonl")):
         powered_summary = powered_report(cfg, work, results_dir)
     if frontier_rows is not None or residual_table is not None or powered_summary is not None:
         (results_dir / "config.yaml").write_text(
@@ -244,6 +244,8 @@ def build_report(cfg: ExperimentConfig, work: Path, results_dir: Path) -> dict:
             | {
                 "train_steps": r["train"]["steps"],
                 "train_loss": r["train"]["train_loss"],
+                # the rest of the training's summary (rows and sequences per step, ...): enough to rebuild the tables
+                "train_info": {k: v for k, v in r["train"].items() if k not in ("steps", "train_loss", "log_history")},
                 # every logged step (loss, epoch, target and implicit reward per side, residual): how a run got there
                 "train_log": [h for h in r["train"].get("log_history", []) if "loss" in h],
             }
@@ -257,6 +259,50 @@ def build_report(cfg: ExperimentConfig, work: Path, results_dir: Path) -> dict:
         _plots(results_dir, main_rows, reference, transform_rows, n_rows_matched, main_betas, cfg.sweep_transforms)
         _examples(results_dir, work, runs, main_betas, qrpo_default, n_max)
     return summary
+
+
+def restore_work_dir(results_json: Path, work: Path) -> None:
+    """Write into the empty folder `work` the run results a results.json holds (`runs`, `reference_runs`, and the
+    data, timing and pointwise statistics), in the layout `build_report` reads, so that the tables and plots of
+    committed results can be rebuilt after their runs' folders are gone. Samples are not in results.json: what needs
+    them is not rebuilt."""
+    summary = _load(results_json)
+    if any(work.iterdir()):
+        raise SystemExit(f"restore_work_dir: {work} is not empty; it would mix restored and real runs.")
+    if not summary.get("runs") and not summary.get("reference_runs"):
+        raise SystemExit(f"{results_json}: no 'runs' nor 'reference_runs' to rebuild a report from.")
+    if summary.get("powered"):
+        raise SystemExit(
+            f"{results_json}: the powered comparison needs every run's samples, which results.json does not hold; "
+            "rebuild it with --report_only from its work_dir."
+        )
+    # results.json written before runs kept "train_info": the sequences per step from its aggregated rows
+    per_step = {
+        (row.get("method"), row.get("data") or "pairs", row.get("beta")): row["sequences_per_step"]
+        for rows in summary.values()
+        if isinstance(rows, list)
+        for row in rows
+        if isinstance(row, dict) and row.get("sequences_per_step") is not None
+    }
+    for run in summary.get("runs") or []:
+        result = {k: v for k, v in run.items() if k not in ("train_steps", "train_loss", "train_log", "train_info")}
+        info = run.get("train_info") or {}
+        if "sequences_per_step" not in info:
+            key = (run.get("method"), _data(run), run.get("beta"))
+            info = info | ({"sequences_per_step": per_step[key]} if key in per_step else {})
+        result["train"] = info | {
+            "steps": run["train_steps"],
+            "train_loss": run["train_loss"],
+            "log_history": run.get("train_log", []),
+        }
+        (work / "runs" / run["id"]).mkdir(parents=True)
+        write_json(work / "runs" / run["id"] / "result.json", result)
+    for run in summary.get("reference_runs") or []:
+        (work / "eval" / f"reference-s{run['seed']}").mkdir(parents=True)
+        write_json(work / "eval" / f"reference-s{run['seed']}" / "result.json", run)
+    for key, name in (("data", "data_stats"), ("timing_seconds", "timing"), ("pointwise_data", "pointwise_stats")):
+        if summary.get(key) is not None:
+            write_json(work / f"{name}.json", summary[key])
 
 
 def _load_if(path: Path):
@@ -531,9 +577,7 @@ def _plots(results_dir, main_rows, reference, transform_rows, n_rows, main_betas
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="best")
-        ax.set_title(
-            f"QRPO: number of reference rewards ({n_rows[0]['transform'] if 'transform' in n_rows[0] else 'identity'})"
-        )
+        ax.set_title(f"QRPO: number of reference rewards ({n_rows[0].get('transform', 'identity')})")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(results_dir / "qrpo_sweeps.png", dpi=130)
@@ -541,7 +585,10 @@ def _plots(results_dir, main_rows, reference, transform_rows, n_rows, main_betas
 
 
 def _examples(results_dir, work, runs, main_betas, qrpo_default, n_max, num_prompts=4):
-    """A few completions of each method (main beta, seed 0) next to pi_ref's, for the same prompts."""
+    """A few completions of each method (main beta, seed 0) next to pi_ref's, for the same prompts; nothing is
+    written when no run has its samples (a report rebuilt from results.json keeps the examples it had)."""
+    if not (work / "prompts.json").exists():
+        return
     prompts = json.loads((work / "prompts.json").read_text())["eval"]
     sources = [("pi_ref", work / "eval" / "reference-s0" / "samples.jsonl")]
     for r in runs:
@@ -554,7 +601,7 @@ def _examples(results_dir, work, runs, main_betas, qrpo_default, n_max, num_prom
     loaded = {}
     for name, path in sources:
         if path.exists():
-            loaded[name] = [json.loads(line) for line in open(path)]
+            loaded[name] = [json.loads(line) for line in path.read_text().splitlines()]
     lines = ["# Example completions (held-out prompts, seed 0, first sample; reward = VADER compound)\n"]
     for i in range(min(num_prompts, len(prompts))):
         lines.append(f"\n## {prompts[i]}\n")
@@ -583,13 +630,15 @@ def powered_report(cfg: ExperimentConfig, work: Path, results_dir: Path) -> dict
     intervals (experiments/powered.py). Writes powered_table.md, powered.csv and powered.png."""
     from plan import selected_learning_rates
 
-    reference_records = []
-    for path in sorted((work / "eval").glob("reference-s*/samples.jsonl")):
-        reference_records += [json.loads(line) for line in open(path)]
+    reference_by_seed = [
+        [json.loads(line) for line in path.read_text().splitlines()]
+        for path in sorted((work / "eval").glob("reference-s*/samples.jsonl"))
+    ]
+    reference_records = [record for records in reference_by_seed for record in records]
     runs_by_method: dict[str, list[dict]] = {}
     for path in sorted((work / "runs").glob("powered-*/result.json")):
         result = _load(path)
-        records = [json.loads(line) for line in open(path.parent / "samples.jsonl")]
+        records = [json.loads(line) for line in (path.parent / "samples.jsonl").read_text().splitlines()]
         for record, controlled in zip(records, length_controlled_rewards(records, reference_records), strict=True):
             record["length_controlled_reward"] = float(controlled)
         label = POWERED_LABELS[(result["method"], result["data"])]
@@ -601,17 +650,47 @@ def powered_report(cfg: ExperimentConfig, work: Path, results_dir: Path) -> dict
     qrpo = POWERED_LABELS[("qrpo", "pointwise")]
     comparisons = [(qrpo, label) for label in runs_by_method if label != qrpo and qrpo in runs_by_method]
     num_prompts = cfg.split_num_eval
-    out = {"learning_rates": {POWERED_LABELS[arm]: lr for arm, lr in selected_learning_rates(cfg, work).items()}}
+    out = {
+        "learning_rates": {POWERED_LABELS[arm]: lr for arm, lr in selected_learning_rates(cfg, work).items()},
+        "reference": _powered_reference(reference_by_seed, reference_records),
+    }
     for key in ("reward", "length_controlled_reward"):
         _, points = matched_kl_bootstrap(runs_by_method, num_prompts, [], [], num_bootstrap=1, key=key)
-        grid = matched_kl_grid(points, cfg.powered_kl_step)
-        rows, points = matched_kl_bootstrap(
-            runs_by_method, num_prompts, grid, comparisons, num_bootstrap=cfg.powered_bootstrap, key=key
-        )
-        out[key] = {"kl_grid": grid, "comparisons": rows, "points": points}
+        # each comparison at the KLs both of its curves cover (a third arm's range does not narrow it)
+        grids, rows = {}, []
+        for a, b in comparisons:
+            grid = matched_kl_grid([p for p in points if p["method"] in (a, b)], cfg.powered_kl_step)
+            grids[f"{a} vs {b}"] = grid
+            pair = {a: runs_by_method[a], b: runs_by_method[b]}
+            rows += matched_kl_bootstrap(
+                pair, num_prompts, grid, [(a, b)], num_bootstrap=cfg.powered_bootstrap, key=key
+            )[0]
+        out[key] = {"kl_grid": grids, "comparisons": rows, "points": points}
     write_csv(results_dir / "powered.csv", out["reward"]["points"])
     (results_dir / "powered_table.md").write_text(powered_markdown(out, num_prompts, cfg))
-    _powered_plot(results_dir / "powered.png", out["reward"]["points"], out["length_controlled_reward"]["points"])
+    _powered_plot(
+        results_dir / "powered.png",
+        out["reward"]["points"],
+        out["length_controlled_reward"]["points"],
+        out["reference"],
+    )
+    return out
+
+
+def _powered_reference(reference_by_seed: list[list[dict]], reference_records: list[dict]) -> dict | None:
+    """pi_ref's own test samples: mean reward and length-controlled reward per seed, mean and s.e. over seeds."""
+    if not reference_by_seed:
+        return None
+    per_seed = {
+        "reward": [float(np.mean([r["reward"] for r in records])) for records in reference_by_seed],
+        "length_controlled_reward": [
+            float(np.mean(length_controlled_rewards(records, reference_records))) for records in reference_by_seed
+        ],
+    }
+    out = {"seeds": len(reference_by_seed)}
+    for key, values in per_seed.items():
+        out[key] = float(np.mean(values))
+        out[f"{key}_se"] = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
     return out
 
 
@@ -629,6 +708,13 @@ def powered_markdown(out: dict, num_prompts: int, cfg: ExperimentConfig) -> str:
         "| arm | beta | seeds | KL (nats) | reward | length-controlled reward |",
         "|---|---|---|---|---|---|",
     ]
+    reference = out.get("reference")
+    if reference:
+        lines.append(
+            f"| pi_ref | – | {reference['seeds']} | 0 | "
+            f"{_fmt(reference['reward'], reference['reward_se'], signed=True)} | "
+            f"{_fmt(reference['length_controlled_reward'], reference['length_controlled_reward_se'], signed=True)} |"
+        )
     controlled = {(p["method"], p["beta"]): p for p in out["length_controlled_reward"]["points"]}
     for p in out["reward"]["points"]:
         c = controlled[(p["method"], p["beta"])]
@@ -649,8 +735,9 @@ def powered_markdown(out: dict, num_prompts: int, cfg: ExperimentConfig) -> str:
             "| arms | KL | difference | 95% interval | P(first better) |",
             "|---|---|---|---|---|",
         ]
-        if not rows:
-            lines.append("| (no KL covered by every arm's curve) | | | | |")
+        for label, grid in out[key]["kl_grid"].items():
+            if not grid:
+                lines.append(f"| {label}: the two curves cover no common KL | | | | |")
         for r in rows:
             if r["difference"] is None:
                 continue
@@ -661,7 +748,7 @@ def powered_markdown(out: dict, num_prompts: int, cfg: ExperimentConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _powered_plot(path: Path, points: list[dict], controlled: list[dict]) -> None:
+def _powered_plot(path: Path, points: list[dict], controlled: list[dict], reference: dict | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -683,6 +770,8 @@ def _powered_plot(path: Path, points: list[dict], controlled: list[dict]) -> Non
                 capsize=3,
                 label=method,
             )
+        if reference:
+            ax.errorbar([0], [reference[key]], yerr=[reference[f"{key}_se"] or 0], fmt="ks", capsize=3, label="pi_ref")
         ax.set_xlabel("KL(pi || pi_ref), nats")
         ax.set_ylabel(title)
     axes[0].legend(fontsize=8)

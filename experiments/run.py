@@ -22,14 +22,14 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "benchmarks")]  # this folder's modules, then benchmarks/common.py
 
 # Before transformers is imported: offline, quiet (benchmarks/common.py also puts the repository root on sys.path).
-from common import use_offline_defaults  # noqa: E402
+from common import use_offline_defaults
 
 use_offline_defaults()
 
-from config import parse_args  # noqa: E402
-from plan import POWERED_ARMS, run_specs, train_steps  # noqa: E402
-from report import build_report  # noqa: E402
-from stages import (  # noqa: E402
+from config import parse_args
+from plan import POWERED_ARMS, run_specs, train_steps
+from report import build_report, restore_work_dir
+from stages import (
     stage_all_pairs,
     stage_pairs,
     stage_pointwise,
@@ -38,8 +38,8 @@ from stages import (  # noqa: E402
     stage_split,
 )
 
-from runs import log, set_threads, stage_reference_eval, stage_runs  # noqa: E402
-from trl_qrpo.precompute.io import write_json  # noqa: E402
+from runs import log, set_threads, stage_reference_eval, stage_runs
+from trl_qrpo.precompute.io import write_json
 
 
 def resolve_model(name: str) -> str:
@@ -58,6 +58,13 @@ def main(argv=None) -> int:
     write_json(work / "config.json", vars(cfg))
     if options.report_only:
         build_report(cfg, work, results)
+        return 0
+    if options.report_from:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as restored:
+            restore_work_dir(Path(options.report_from), Path(restored))
+            build_report(cfg, Path(restored), results)
         return 0
 
     import torch

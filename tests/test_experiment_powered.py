@@ -356,3 +356,67 @@ def test_matched_kl_grid():
     assert matched_kl_grid({"A": [0.6, 0.9], "B": [0.0, 3.0]}) == []  # overlap without a multiple of 0.5
     assert matched_kl_grid({"A": [1.0], "B": [0.0, 3.0]}) == [1.0]
     assert matched_kl_grid({}) == []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# report.powered_report: each comparison at the KLs its own two curves cover, pi_ref's row
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_powered_report_compares_each_pair_over_its_own_overlap(tmp_path):
+    """QRPO covers KL 1-6, DPO best/worst 4-9, DPO all pairs 5.5-12: QRPO vs best/worst is compared at 4-6 (not only
+    where all three overlap, 5.5-6), QRPO vs all pairs at 5.5-6; the difference read at a KL is the two curves' linear
+    interpolation (sample noise 0 here, so the bootstrap interval is that point); pi_ref's row is its mean over seeds."""
+    import json
+
+    from config import load_config
+    from report import POWERED_LABELS, powered_report
+
+    num_prompts, seeds = 4, [0, 1]
+    cfg = load_config(
+        REPO / "experiments" / "config.yaml",
+        "powered",
+        ("--split_num_eval", str(num_prompts), "--powered_bootstrap", "20", "--eval_seeds", "0", "1"),
+    )
+    rng = np.random.default_rng(0)
+    effect = rng.normal(size=num_prompts)
+    arms = {  # (method, data) -> (KL of each beta, intercept, slope of the true reward-KL line)
+        ("qrpo", "pointwise"): ([1.0, 6.0], 0.1, 0.05),
+        ("dpo", "pairs"): ([4.0, 9.0], 0.2, 0.01),
+        ("dpo", "all_pairs"): ([5.5, 12.0], 0.0, 0.02),
+    }
+    for (method, data), (kls, intercept, slope) in arms.items():
+        for run in _method_runs(rng, num_prompts, kls, seeds, intercept, slope, effect, noise=0.0):
+            folder = tmp_path / "runs" / f"powered-{method}-{data}-b{run['beta']}-s{run['seed']}"
+            folder.mkdir(parents=True)
+            result = {"method": method, "data": data, "beta": run["beta"], "seed": run["seed"], "learning_rate": 3e-5}
+            (folder / "result.json").write_text(json.dumps(result))
+            (folder / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run["records"]))
+    reference_means = []
+    for seed in seeds:
+        records = _records(rng, num_prompts, 3, 0.0, 0.05 * seed, effect, 0.3)
+        reference_means.append(np.mean([r["reward"] for r in records]))
+        (tmp_path / "eval" / f"reference-s{seed}").mkdir(parents=True)
+        (tmp_path / "eval" / f"reference-s{seed}" / "samples.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records)
+        )
+
+    (tmp_path / "results").mkdir()
+    out = powered_report(cfg, tmp_path, tmp_path / "results")
+    qrpo, best_worst, all_pairs = (POWERED_LABELS[arm] for arm in arms)
+    grids = out["reward"]["kl_grid"]
+    assert grids == {f"{qrpo} vs {best_worst}": [4.0, 4.5, 5.0, 5.5, 6.0], f"{qrpo} vs {all_pairs}": [5.5, 6.0]}
+    truth = {label: arms[arm] for arm, label in POWERED_LABELS.items()}
+    for row in out["reward"]["comparisons"]:
+        (_, a0, a1), (_, b0, b1) = truth[row["a"]], truth[row["b"]]
+        expected = (a0 + a1 * row["kl"]) - (b0 + b1 * row["kl"]) + 0.0
+        assert row["difference"] == pytest.approx(expected, abs=1e-9)
+        assert row["ci_low"] == pytest.approx(expected, abs=1e-9) and row["ci_high"] == pytest.approx(
+            expected, abs=1e-9
+        )
+    assert len(out["reward"]["comparisons"]) == 7
+    assert out["reference"]["seeds"] == 2
+    assert out["reference"]["reward"] == pytest.approx(np.mean(reference_means))
+    assert out["reference"]["reward_se"] == pytest.approx(np.std(reference_means, ddof=1) / np.sqrt(2))
+    table = (tmp_path / "results" / "powered_table.md").read_text()
+    assert "| pi_ref | – | 2 | 0 |" in table and table.count(f"| {qrpo} - {best_worst} | ") == 2 * 5

@@ -164,6 +164,62 @@ def test_committed_residuals_config_is_the_residuals_profile():
     assert len(committed.residuals_runs) == 10
 
 
+@pytest.mark.parametrize("name", ["frontier", "residuals"])
+def test_report_from_committed_results_json_rebuilds_the_same_tables(tmp_path, name):
+    """--report_from: the committed results.json restored into run folders (restore_work_dir) and reported again gives
+    the committed aggregate rows (every mean, std and standard error, the residual study's step-by-step figures), and
+    a second report from the rebuilt results.json gives the same again (nothing lost on the way)."""
+    _load_run_module()
+    from config import load_config
+    from report import build_report, restore_work_dir
+
+    committed_dir = REPO / "docs" / "experiments" / name
+    cfg = load_config(committed_dir / "config.yaml")
+    committed = json.loads((committed_dir / "results.json").read_text())
+    rebuilt = []
+    source = committed_dir / "results.json"
+    for i in range(2):
+        work, results = tmp_path / f"work{i}", tmp_path / f"results{i}"
+        work.mkdir()
+        restore_work_dir(source, work)
+        rebuilt.append(build_report(cfg, work, results))
+        source = results / "results.json"
+    table = {"frontier": "frontier", "residuals": "residuals"}[name]
+    for row, expected in zip(rebuilt[0][table], committed[table], strict=True):
+        for key, value in expected.items():
+            if isinstance(value, float):
+                assert row[key] == pytest.approx(value, rel=1e-12, abs=1e-15), (key, row.get("curve", row.get("name")))
+            else:
+                assert row[key] == value, key
+        for key in row:  # every metric with a std also has its standard error, std / sqrt(seeds)
+            if key.endswith("_std") and row[key] is not None:
+                se = row[key.removesuffix("_std") + "_se"]
+                assert se == pytest.approx(row[key] / math.sqrt(row["num_seeds"]))
+    assert rebuilt[1][table] == rebuilt[0][table]
+    assert [r["train_log"] for r in rebuilt[1]["runs"]] == [r.get("train_log", []) for r in committed["runs"]]
+    assert all(r["train_info"] == rebuilt[0]["runs"][i]["train_info"] for i, r in enumerate(rebuilt[1]["runs"]))
+    if name == "frontier":  # the sequences per step, not kept per run before train_info, came from the rows
+        assert {r["sequences_per_step"] for r in rebuilt[0]["frontier"]} == {8}
+        assert "standard error" in (tmp_path / "results0" / "frontier_table.md").read_text()
+
+
+def test_restore_work_dir_refuses_what_it_cannot_rebuild(tmp_path):
+    """A folder that holds runs already, and a powered comparison (its samples are not in results.json), are refused."""
+    _load_run_module()
+    from report import restore_work_dir
+
+    source = REPO / "docs" / "experiments" / "residuals" / "results.json"
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "runs").mkdir()
+    with pytest.raises(SystemExit, match="not empty"):
+        restore_work_dir(source, tmp_path / "busy")
+    powered = json.loads(source.read_text()) | {"powered": {"reward": {}}}
+    (tmp_path / "powered.json").write_text(json.dumps(powered))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="samples"):
+        restore_work_dir(tmp_path / "powered.json", tmp_path / "empty")
+
+
 def test_frontier_profile_run_specs():
     """The --frontier plan: every method x beta x seed on the pairs, the pointwise QRPO group, the matching rule."""
     run = _load_run_module()
