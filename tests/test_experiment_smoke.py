@@ -164,6 +164,20 @@ def test_committed_residuals_config_is_the_residuals_profile():
     assert len(committed.residuals_runs) == 10
 
 
+def test_committed_powered_config_is_the_powered_profile():
+    """docs/experiments/powered/config.yaml (the committed powered comparison, run with --threads 2) loads back to
+    what --powered runs, and its results hold every planned test run (3 arms x 2 betas x 4 seeds)."""
+    _load_run_module()
+    from config import load_config
+
+    committed = load_config(REPO / "docs" / "experiments" / "powered" / "config.yaml")
+    assert committed == load_config(CONFIG, "powered", ("--threads", committed.threads))
+    results = json.loads((REPO / "docs" / "experiments" / "powered" / "results.json").read_text())
+    powered = [r for r in results["runs"] if r["groups"] == ["powered"]]
+    assert len(powered) == 3 * 2 * len(committed.eval_seeds) == 24
+    assert all(len(p["seeds"]) == len(committed.eval_seeds) for p in results["powered"]["reward"]["points"])
+
+
 @pytest.mark.parametrize("name", ["frontier", "residuals"])
 def test_report_from_committed_results_json_rebuilds_the_same_tables(tmp_path, name):
     """--report_from: the committed results.json restored into run folders (restore_work_dir) and reported again gives
