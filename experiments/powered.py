@@ -141,7 +141,7 @@ def curve_at_kl(kls, rewards, kl: float) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
-def _standard_error(values: np.ndarray) -> float | None:
+def standard_error(values: np.ndarray) -> float | None:
     """std (ddof=1) / sqrt(n) of per-seed values; None with fewer than two."""
     return float(np.std(values, ddof=1) / math.sqrt(values.size)) if values.size > 1 else None
 
@@ -258,9 +258,9 @@ def matched_kl_bootstrap(
                     "beta": beta,
                     "seeds": sorted(seeds),
                     "kl": float(per_seed_kl.mean()),
-                    "kl_se": _standard_error(per_seed_kl),
+                    "kl_se": standard_error(per_seed_kl),
                     key: float(per_seed_value.mean()),
-                    f"{key}_se": _standard_error(per_seed_value),
+                    f"{key}_se": standard_error(per_seed_value),
                 }
             )
         curves[method] = (betas, members)

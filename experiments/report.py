@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from config import METHODS, ExperimentConfig, portable
-from powered import length_controlled_rewards, matched_kl_bootstrap, matched_kl_grid
+from powered import length_controlled_rewards, matched_kl_bootstrap, matched_kl_grid, standard_error
 from residuals import residual_rows, residuals_markdown, residuals_plot
 
 from trl_qrpo.precompute.io import write_json
@@ -689,8 +689,7 @@ def _powered_reference(reference_by_seed: list[list[dict]], reference_records: l
     }
     out = {"seeds": len(reference_by_seed)}
     for key, values in per_seed.items():
-        out[key] = float(np.mean(values))
-        out[f"{key}_se"] = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
+        out[key], out[f"{key}_se"] = float(np.mean(values)), standard_error(np.array(values))
     return out
 
 
