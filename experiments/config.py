@@ -101,10 +101,14 @@ class ExperimentConfig:
     )
     frontier_sweep_kl_grid: list[float] = _opt([1, 2, 4, 8], "KLs at which the report reads each frontier's reward.")
     powered_betas_qrpo: list[float] = _opt(
-        [0.1, 0.03], "Betas of QRPO pointwise (every candidate of a prompt, its own reward) in the powered comparison."
+        [0.1, 0.03],
+        "Betas of QRPO pointwise (every candidate of a prompt, its own reward) in the powered comparison; the first is "
+        "the one `lr_select` picks the learning rate at.",
     )
     powered_betas_dpo: list[float] = _opt(
-        [0.3, 0.03], "Betas of DPO, on best/worst pairs and on pairs drawn from all pairs, in the powered comparison."
+        [0.3, 0.03],
+        "Betas of DPO, on best/worst pairs and on pairs drawn from all pairs, in the powered comparison; the first is "
+        "the one `lr_select` picks the learning rate at.",
     )
     powered_learning_rates: list[float] = _opt(
         [3e-5, 6e-5], "The learning-rate grid: `lr_select` trains each method at its first beta with each, seed 0."

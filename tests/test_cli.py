@@ -61,7 +61,9 @@ def test_unknown_subcommand_is_an_error_that_lists_the_known_ones(monkeypatch, c
     _fake_precompute_cli(monkeypatch, {"generate": lambda argv, prog: 0, "score": lambda argv, prog: 0})
     assert cli.main(["genrate"], prog="trl qrpo") == 2
     err = capsys.readouterr().err
-    assert "'genrate'" in err and "env, generate, iterate, prepare-smollm2, score" in err and "trl qrpo --config" in err
+    assert (
+        "'genrate'" in err and "env, generate, iterate, prepare-smollm2, score" in err and "trl qrpo --config" in err
+    )
 
 
 def test_no_arguments_prints_help_instead_of_launching(monkeypatch, capsys):

@@ -152,7 +152,9 @@ def test_reference_rewards_stored_as_text_are_refused(tiny_model_dir, tmp_path):
     for row in rows:
         row["ref_rewards"] = [str(v) for v in row["ref_rewards"]]
     rows[2]["ref_rewards"][1] = "n/a"
-    with pytest.raises(ValueError, match=r"Column 'ref_rewards', row 2 \(0-based\): the reference reward .* is not a number"):
+    with pytest.raises(
+        ValueError, match=r"Column 'ref_rewards', row 2 \(0-based\): the reference reward .* is not a number"
+    ):
         trainer_for(tiny_model_dir, tmp_path, rows)
 
 

@@ -166,7 +166,8 @@ def test_committed_residuals_config_is_the_residuals_profile():
 
 def test_committed_powered_config_is_the_powered_profile():
     """docs/experiments/powered/config.yaml (the committed powered comparison, run with --threads 2) loads back to
-    what --powered runs, and its results hold every planned test run (3 arms x 2 betas x 4 seeds)."""
+    what --powered runs, and its results hold every planned test run (QRPO's betas and DPO's betas on both of its
+    arms, each at every eval seed: (4 + 2 x 3) x 4 = 40)."""
     _load_run_module()
     from config import load_config
 
@@ -174,7 +175,8 @@ def test_committed_powered_config_is_the_powered_profile():
     assert committed == load_config(CONFIG, "powered", ("--threads", committed.threads))
     results = json.loads((REPO / "docs" / "experiments" / "powered" / "results.json").read_text())
     powered = [r for r in results["runs"] if r["groups"] == ["powered"]]
-    assert len(powered) == 3 * 2 * len(committed.eval_seeds) == 24
+    betas_per_seed = len(committed.powered_betas_qrpo) + 2 * len(committed.powered_betas_dpo)
+    assert len(powered) == betas_per_seed * len(committed.eval_seeds) == 40
     assert all(len(p["seeds"]) == len(committed.eval_seeds) for p in results["powered"]["reward"]["points"])
 
 

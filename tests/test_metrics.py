@@ -51,6 +51,7 @@ def test_none_when_undefined_and_an_error_when_lengths_differ():
 
 def test_spearman_correlation_contract():
     """Tensors in, a float or None out; average ranks for ties (checked against ranks counted by hand)."""
+
     def by_hand(x, y):
         def ranks(v):  # 1-based rank, ties sharing the average of their ranks
             return [sum(w < a for w in v) + (sum(w == a for w in v) + 1) / 2 for a in v]
