@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# QRPO quick start: a real model learns from a real reward, offline, on a CPU, in about 12 minutes on 2 idle cores.
+# QRPO quick start: a real model learns from a real reward, offline, on a CPU, in about 9 minutes on 2 idle cores.
 #
 #   bash recipes/quickstart/run.sh [--small] [--seed N] [OUTPUT_DIR] [-- TRAINING_FLAGS...]
 #
@@ -77,9 +77,9 @@ if [ "$SMALL" = 1 ]; then
 else
     GEN_ROWS=()
     EVAL_ROWS=()
-    EXPECT_TOTAL="about 12 minutes"
-    EXPECT_GEN="about 2.5 minutes (256 completions)"
-    EXPECT_TRAIN="about 6.5 minutes (32 steps)"
+    EXPECT_TOTAL="about 9 minutes"
+    EXPECT_GEN="about 1.5 minutes (256 completions)"
+    EXPECT_TRAIN="about 5.5 minutes (32 steps)"
     EXPECT_EVAL="about 1.5 minutes (2 x 96 samples)"
 fi
 # --seed N: the samples' and the training's seed (the evaluation keeps its own).
