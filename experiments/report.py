@@ -443,10 +443,24 @@ def _frontier_plot(path: Path, rows: list[dict], reference: dict | None) -> None
     axes[0].set_title("Reward against KL, one curve per method over β (labels: β)")
     axes[1].set_title("Length against KL (same runs)")
     axes[0].legend(fontsize=7, loc="best")
-    fig.suptitle("Held-out prompts; points = mean over seeds, bars = standard error over seeds", fontsize=9)
+    fig.suptitle(
+        f"Held-out prompts; points = mean over {seeds_label(r['num_seeds'] for r in rows)} per point, "
+        "bars = standard error over seeds",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def seeds_label(counts) -> str:
+    """How many seeds a plot's points average, for its title: "4 seeds", or "1-3 seeds" when they differ."""
+    counts = sorted({int(c) for c in counts})
+    if not counts:
+        return "no seeds"
+    low, high = counts[0], counts[-1]
+    span = f"{low}" if low == high else f"{low}-{high}"
+    return f"{span} seed{'s' if high > 1 else ''}"
 
 
 def _errorbar(ax, x, y, xerr, yerr, **kw):
@@ -510,10 +524,10 @@ def _plots(results_dir, main_rows, reference, transform_rows, n_rows, main_betas
             "length_vs_reward.png",
             "reward",
             "length",
-            False,
+            True,
             "mean VADER reward of fresh samples",
             "mean completion length (tokens)",
-            "Length against reward",
+            "Length against reward (labels: seeds per point)",
         ),
     ):
         fig, ax = plt.subplots(figsize=(6.4, 4.6))
@@ -577,7 +591,10 @@ def _plots(results_dir, main_rows, reference, transform_rows, n_rows, main_betas
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="best")
-        ax.set_title(f"QRPO: number of reference rewards ({n_rows[0].get('transform', 'identity')})")
+        ax.set_title(
+            f"QRPO: number of reference rewards ({n_rows[0].get('transform', 'identity')}; "
+            f"{seeds_label(r['num_seeds'] for r in n_rows)} per point)"
+        )
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(results_dir / "qrpo_sweeps.png", dpi=130)
@@ -774,7 +791,11 @@ def _powered_plot(path: Path, points: list[dict], controlled: list[dict], refere
         ax.set_xlabel("KL(pi || pi_ref), nats")
         ax.set_ylabel(title)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Test prompts; points = mean over seeds, bars = standard error over seeds", fontsize=9)
+    fig.suptitle(
+        f"Test prompts; points = mean over {seeds_label(len(r['seeds']) for r in points)} per point, "
+        "bars = standard error over seeds",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -420,3 +420,13 @@ def test_powered_report_compares_each_pair_over_its_own_overlap(tmp_path):
     assert out["reference"]["reward_se"] == pytest.approx(np.std(reference_means, ddof=1) / np.sqrt(2))
     table = (tmp_path / "results" / "powered_table.md").read_text()
     assert "| pi_ref | – | 2 | 0 |" in table and table.count(f"| {qrpo} - {best_worst} | ") == 2 * 5
+
+
+def test_plots_say_how_many_seeds_each_point_averages():
+    """The plots' titles give the seed count: one count when every point has it, the range when they differ."""
+    from report import seeds_label
+
+    assert seeds_label([4, 4, 4]) == "4 seeds"
+    assert seeds_label([1, 3, 3, 1]) == "1-3 seeds"
+    assert seeds_label([1]) == "1 seed"
+    assert seeds_label([]) == "no seeds"
