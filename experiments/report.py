@@ -473,7 +473,7 @@ def _method_points(ax, rows, main_betas, xkey, ykey, with_seeds):
         main = r["beta"] == main_betas[r["method"]]
         label = f"{LABELS[r['method']]} β={r['beta']:g}"
         if with_seeds:
-            label += f" ({r['num_seeds']} seed{'s' if r['num_seeds'] > 1 else ''})"
+            label += f" ({seeds_label([r['num_seeds']])})"
         _errorbar(
             ax,
             [r[xkey]],
@@ -559,7 +559,7 @@ def _plots(results_dir, main_rows, reference, transform_rows, n_rows, main_betas
             color=color,
             fmt="o" if first else "s",
             mfc=color if first else "white",
-            label=f"{r['transform']} β={r['beta']:g} ({r['num_seeds']} seed{'s' if r['num_seeds'] > 1 else ''})",
+            label=f"{r['transform']} β={r['beta']:g} ({seeds_label([r['num_seeds']])})",
         )
     ax.set_xlabel("KL(π‖π_ref) (nats)")
     ax.set_ylabel("mean VADER reward")
